@@ -1,0 +1,63 @@
+"""Model adapters: what the trainer needs from a unified multimodal model (see shared/DESIGN.md, "Models").
+
+Every adapter method that runs the network takes the module to run as its first argument (the policy is the
+peft model inside the DeepSpeed engine; the reference is the same module with its adapter disabled), so the
+adapter only holds layout: tokenizer, sequence format, decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """DeepSpeed engine / PeftModel / HF model -> the innermost transformers *ForCausalLM-like module.
+
+    LoRA layers stay injected in it, so calling it runs the policy (or the reference inside
+    `disable_adapter()`).
+    """
+    m = model
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, nn.Module) and type(m).__name__ == "DeepSpeedEngine":
+            m = m.module
+        elif hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
+            m = m.get_base_model()
+        else:
+            return m
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder body returning `last_hidden_state`, lm_head Linear) of a causal LM, through any wrappers."""
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    return body, head
+
+
+@contextlib.contextmanager
+def gathered(*params: torch.Tensor):
+    """Full parameters for reading outside their module's forward (needed under ZeRO-3; a no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the reference policy: the same network with its LoRA adapter switched off."""
+    m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    if hasattr(m, "disable_adapter"):
+        with m.disable_adapter():
+            yield
+    else:
+        raise TypeError(
+            f"{type(m).__name__} has no LoRA adapter to disable; the reference needs a peft model "
+            "(set lora.enabled=true) or beta=0"
+        )
