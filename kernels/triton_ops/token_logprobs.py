@@ -1,0 +1,219 @@
+"""Triton token log-probs from materialised logits, with optional entropy, in one pass over the vocabulary.
+
+For a row z = logits[n] / T (V entries) and target t = targets[n]:
+
+    lse      = log sum_j exp(z_j)                        (online: running max m, s = sum exp(z - m))
+    logp     = z_t - lse
+    H        = lse - sum_j p_j z_j = log s - u / s        with u = sum_j exp(z_j - m) (z_j - m), p = softmax(z)
+    dlogp/dx_j = (onehot_j - p_j) / T
+    dH/dx_j    = -p_j (log p_j + H) / T
+
+Shapes: logits (N, V) fp32/bf16/fp16 with unit last stride, targets (N,) int64 -> logp fp32 (N,), entropy fp32
+(N,) or None. Rows whose target equals ignore_index give 0 and get a zero gradient. Only lse and H (O(N)) are
+saved for the backward, which re-reads the logits once and writes a new gradient tensor in logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _token_logprobs_fwd(
+    x_ptr,
+    stride_x,
+    tgt_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    V,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WITH_ENT: tl.constexpr,
+):
+    # One program per row; the row index is promoted to int64 so row * stride cannot wrap at 2^31 elements.
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row)
+    if tgt == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if WITH_ENT:
+            tl.store(ent_ptr + row, 0.0)
+        return
+    base = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")  # running max: must start at -inf, not 0 or a large negative finite value
+    s = 0.0  # sum exp(z - m)
+    u = 0.0  # sum exp(z - m) * (z - m): relative to m so H does not cancel two O(|z|) numbers
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        # Padded columns are -inf so they add exp(-inf) = 0 whatever V is modulo the block.
+        z = tl.load(base + idx, mask=idx < V, other=-float("inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # A block (or a row so far) of only -inf keeps m = -inf; shift by 0 then to avoid inf - inf = NaN.
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        s_blk = tl.sum(e, axis=0)
+        if WITH_ENT:
+            d = tl.where(e > 0, z - shift, 0.0)
+            # Rebase the old u from m to m_new: u' = alpha (u + (m - m_new) s); while s == 0, m is -inf.
+            u = alpha * (u + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * d, axis=0)
+        s = s * alpha + s_blk
+        m = m_new
+    lse = m + tl.log(s)
+    zt = tl.load(base + tgt).to(tl.float32) * inv_t
+    tl.store(logp_ptr + row, zt - lse)
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENT:
+        tl.store(ent_ptr + row, tl.log(s) - u / s)
+
+
+@triton.jit
+def _token_logprobs_bwd(
+    x_ptr,
+    stride_x,
+    dx_ptr,
+    stride_dx,
+    tgt_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    V,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WITH_G_LOGP: tl.constexpr,
+    WITH_G_ENT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row)
+    base = x_ptr + row * stride_x
+    dbase = dx_ptr + row * stride_dx
+    cols = tl.arange(0, BLOCK_V)
+    if tgt == ignore_index:
+        # The gradient buffer is torch.empty: ignored rows must be written, with zeros.
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            tl.store(dbase + idx, tl.zeros([BLOCK_V], dtype=tl.float32).to(dx_ptr.dtype.element_ty), mask=idx < V)
+        return
+    lse = tl.load(lse_ptr + row)
+    g_logp = 0.0
+    if WITH_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row)
+    g_ent = 0.0
+    h = 0.0
+    if WITH_G_ENT:
+        g_ent = tl.load(g_ent_ptr + row)
+        h = tl.load(ent_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        mask = idx < V
+        z = tl.load(base + idx, mask=mask, other=-float("inf")).to(tl.float32) * inv_t
+        logp = z - lse
+        p = tl.exp(logp)
+        g = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if WITH_G_LOGP:
+            g = g_logp * (tl.where(idx == tgt, 1.0, 0.0) - p)
+        if WITH_G_ENT:
+            # p log p -> 0 where p == 0 (logits of -inf), instead of 0 * -inf = NaN.
+            g -= g_ent * p * (tl.where(p > 0, logp, 0.0) + h)
+        tl.store(dbase + idx, (g * inv_t).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _block_v(V: int) -> int:
+    # 4096 columns = 8 KB of bf16 per iteration: enough bytes in flight per SM to stream at HBM speed with
+    # 8 warps, while the (m, s, u) state stays three scalars per row. Small V gets one exact block.
+    return max(16, min(4096, triton.next_power_of_2(V)))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+def _forward(x: torch.Tensor, t: torch.Tensor, inv_t: float, ignore_index: int, with_ent: bool):
+    N, V = x.shape
+    logp = torch.empty(N, dtype=torch.float32, device=x.device)
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    ent = torch.empty(N, dtype=torch.float32, device=x.device) if with_ent else lse  # dummy pointer if unused
+    if N:
+        block = _block_v(V)
+        # 1-D grid over rows: grid x allows 2^31 - 1 programs, y/z only 65535.
+        _token_logprobs_fwd[(N,)](
+            x, x.stride(0), t, logp, lse, ent, V, inv_t, ignore_index,
+            BLOCK_V=block, WITH_ENT=with_ent, num_warps=_num_warps(block),
+        )  # fmt: skip
+    return logp, lse, (ent if with_ent else None)
+
+
+def _backward(x, t, lse, ent, g_logp, g_ent, inv_t: float, ignore_index: int) -> torch.Tensor:
+    N, V = x.shape
+    dx = torch.empty((N, V), dtype=x.dtype, device=x.device)  # a new tensor: never write into the inputs
+    if N:
+        block = _block_v(V)
+        _token_logprobs_bwd[(N,)](
+            x, x.stride(0), dx, dx.stride(0), t, lse,
+            ent if ent is not None else lse,
+            g_logp if g_logp is not None else lse,
+            g_ent if g_ent is not None else lse,
+            V, inv_t, ignore_index,
+            BLOCK_V=block, WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
+            num_warps=_num_warps(block),
+        )  # fmt: skip
+    return dx
+
+
+# -------------------------------------------------------------------------------------------- autograd
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
+        inv_t = 1.0 / temperature
+        logp, lse, ent = _forward(logits, targets, inv_t, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, targets, lse, ent if ent is not None else lse)
+        ctx.inv_t, ctx.ignore_index, ctx.with_ent = inv_t, ignore_index, return_entropy
+        # Unused outputs then arrive as None in backward, so no zero-gradient pass over V is launched for them.
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, targets, lse, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        g_ent = g_ent if ctx.with_ent else None
+        g_logp = None if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        if g_logp is None and g_ent is None:
+            return torch.zeros_like(logits), None, None, None, None
+        dx = _backward(logits, targets, lse, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index)
+        return dx, None, None, None, None
+
+
+def token_logprobs_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log softmax(logits / T)[targets]: logits (N, V) unit last stride, targets (N,) int64 -> fp32 (N,).
+
+    Returns (logp, entropy) with entropy fp32 (N,) or None; differentiable w.r.t. logits (also via entropy).
+    """
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError(f"logits must be (N, V) with unit last stride; got shape {tuple(logits.shape)}")
+    targets = targets.contiguous().long()
+    logp, ent = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index), bool(return_entropy))
+    return logp, ent
