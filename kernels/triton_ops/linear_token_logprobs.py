@@ -1,0 +1,321 @@
+"""Triton fused linear + token log-probs: log softmax((hidden @ weight.T + bias) / T)[target], no N x V logits.
+
+Shapes: hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 -> logp fp32 (N,), entropy fp32 (N,)
+or None. With z = (h_n . w_j + b_j) / T:
+
+    forward  (grid: row block x vocab split): tiles z = h_blk @ w_blk.T with tl.dot (fp32 accumulators),
+             keeps a per-row online (max m, s = sum exp(z - m), u = sum exp(z - m)(z - m)) over its vocab
+             blocks and picks z_target out of the tile that holds it; a tiny O(N x splits) combine gives
+             lse = m + log s and H = log s - u / s. Saved for backward: lse, H (O(N)) and the inputs.
+    backward (grid: row block x vocab block): recomputes the z tile, forms
+             dz = (g_logp (onehot - p) - g_H p (log p + H)) / T, then dH += dz @ w_blk and dW += dz.T @ h_blk
+             with fp32 atomics into fp32 buffers (cast to the input dtypes at the end), dbias += colsum(dz).
+    FLOPs: 2NDV forward, 6NDV backward (recompute + two products); bytes: O(ND + VD) plus tile re-reads.
+
+`chunk_size` is ignored: the tiling bounds the live logits to one BLOCK_N x BLOCK_V tile per program.
+The fp32 atomics make dW/dH summation order (and so the last bits) run-dependent on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST feeds fp32 operands: Triton 3.9's interpreter multiplies bf16 bit patterns."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """z = (h[rows] @ w[cols].T + b[cols]) / T as a fp32 (BLOCK_N, BLOCK_V) tile; padded columns are -inf."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        kmask = ks < D
+        h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        acc = _dot(h, tl.trans(w), acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_mask[None, :], acc * inv_t, -float("inf"))
+
+
+@triton.jit
+def _linear_logprobs_fwd(
+    h_ptr, stride_h, w_ptr, stride_w, b_ptr, tgt_ptr,
+    m_ptr, s_ptr, u_ptr, zt_ptr,
+    N, V, D, inv_t, num_splits, blocks_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # 1-D grid (no 65535 limit); consecutive programs share a row block, so its hidden tile is reused from L2.
+    pid = tl.program_id(0)
+    pid_n = pid // num_splits
+    pid_s = pid % num_splits
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_lo = pid_s * blocks_per_split * BLOCK_V
+    v_hi = tl.minimum(v_lo + blocks_per_split * BLOCK_V, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logit_tile(
+            h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
+            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, UPCAST,
+        )  # fmt: skip
+        # The target logit comes out of the tile already computed (same rounding as the lse it is compared to).
+        is_t = cols[None, :] == tgt[:, None]
+        hit = tl.sum(is_t.to(tl.int32), axis=1) > 0
+        tl.store(zt_ptr + rows, tl.sum(tl.where(is_t, z, 0.0), axis=1), mask=row_mask & hit)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        alpha = tl.exp(m - shift)
+        e = tl.exp(z - shift[:, None])
+        if WITH_ENT:
+            d = tl.where(e > 0, z - shift[:, None], 0.0)
+            u = alpha * (u + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * d, axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+    part = rows.to(tl.int64) * num_splits + pid_s
+    tl.store(m_ptr + part, m, mask=row_mask)
+    tl.store(s_ptr + part, s, mask=row_mask)
+    if WITH_ENT:
+        tl.store(u_ptr + part, u, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprobs_bwd(
+    h_ptr, stride_h, w_ptr, stride_w, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    N, V, D, inv_t, ignore_index, num_v_blocks,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_G_LOGP: tl.constexpr, WITH_G_ENT: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_n = pid // num_v_blocks
+    pid_v = pid % num_v_blocks
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=ignore_index)
+    keep = row_mask & (tgt != ignore_index)
+    z = _logit_tile(
+        h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
+        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, UPCAST,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if WITH_G_LOGP:
+        g = tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0)
+        dz += g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    if WITH_G_ENT:
+        ge = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
+        h_ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        dz -= ge[:, None] * p * (tl.where(p > 0, logp, 0.0) + h_ent[:, None])
+    dz = tl.where(keep[:, None] & col_mask[None, :], dz * inv_t, 0.0)
+    # Tiles with an exactly zero gradient (all rows ignored) skip both products: exact, unlike a threshold.
+    if tl.max(tl.abs(dz)) > 0:
+        if NEED_DB:
+            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        dz_in = dz.to(h_ptr.dtype.element_ty)  # tensor-core operand; the products still accumulate in fp32
+        h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+        dh_rows = dh_ptr + rows.to(tl.int64)[:, None] * D
+        dw_rows = dw_ptr + cols.to(tl.int64)[:, None] * D
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            kmask = ks < D
+            if NEED_DH:
+                wm = col_mask[:, None] & kmask[None, :]
+                w = tl.load(w_rows + ks[None, :], mask=wm, other=0.0)
+                dh = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST)
+                tl.atomic_add(dh_rows + ks[None, :], dh, mask=row_mask[:, None] & kmask[None, :])
+            if NEED_DW:
+                hm = row_mask[:, None] & kmask[None, :]
+                h = tl.load(h_rows + ks[None, :], mask=hm, other=0.0)
+                dw = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST)
+                tl.atomic_add(dw_rows + ks[None, :], dw, mask=col_mask[:, None] & kmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(device: torch.device) -> dict:
+    """Tile sizes and the number of programs to aim for; tl.dot needs every block dim >= 16."""
+    if _interpreting() or device.type != "cuda":
+        # The interpreter runs programs one after another in numpy: small tiles keep tests fast and make
+        # modest shapes cross several row, vocab and D blocks (and at least two vocab splits).
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, target_programs=0)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # 128 x 128 fp32 accumulators with 64-wide D steps: 2*128*128*64 FLOPs per 32 KB of bf16 operands loaded,
+    # the usual Hopper/Ampere GEMM tile; 4 programs per SM hide the online-LSE epilogue behind other tiles.
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, target_programs=4 * sms)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (torch's default for matmul), not TF32's 10-bit mantissa.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
+    N, D = h.shape
+    V = w.shape[0]
+    cfg = _config(h.device)
+    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    n_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
+    # Split the vocabulary across programs only as far as needed to fill the GPU: each split costs O(N) of
+    # partial state. The interpreter uses two splits so the cross-split combine is always exercised.
+    want = max(1, -(-cfg["target_programs"] // n_blocks)) if cfg["target_programs"] else 2
+    splits = min(v_blocks, want)
+    per_split = triton.cdiv(v_blocks, splits)
+    splits = triton.cdiv(v_blocks, per_split)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    m, s = torch.empty((N, splits), **f32), torch.empty((N, splits), **f32)
+    u = torch.empty((N, splits), **f32) if with_ent else s
+    zt = torch.zeros(N, **f32)
+    _linear_logprobs_fwd[(n_blocks * splits,)](
+        h, h.stride(0), w, w.stride(0), b if b is not None else w, t, m, s, u, zt,
+        N, V, D, inv_t, splits, per_split,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None, WITH_ENT=with_ent,
+        PRECISION=_precision(h.dtype), UPCAST=_upcast(h.dtype), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    # Combine the per-split (m, s, u): O(N x splits), negligible next to the N x V x D tile work.
+    mx = m.amax(1, keepdim=True)
+    shift = torch.where(mx == -float("inf"), torch.zeros_like(mx), mx)
+    scale = torch.exp(m - shift)
+    s_tot = (s * scale).sum(1)
+    lse = shift.squeeze(1) + torch.log(s_tot)
+    keep = t != ignore_index
+    zero = torch.zeros_like(lse)
+    logp = torch.where(keep, zt - lse, zero)
+    ent = None
+    if with_ent:
+        rebased = torch.where(s > 0, m - shift, torch.zeros_like(m)) * s
+        u_tot = (scale * (u + rebased)).sum(1)
+        ent = torch.where(keep, torch.log(s_tot) - u_tot / s_tot, zero)
+    return logp, torch.where(keep, lse, zero), ent
+
+
+def _backward(h, w, b, t, lse, ent, g_logp, g_ent, inv_t, ignore_index, need_dh, need_dw, need_db):
+    N, D = h.shape
+    V = w.shape[0]
+    cfg = _config(h.device)
+    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    n_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    # fp32 accumulators whatever the input dtype: summing N/BLOCK_N bf16 partial products into a bf16 dW
+    # loses the small per-token contributions (Liger's reported precision issue).
+    dh = torch.zeros((N, D), **f32) if need_dh else lse
+    dw = torch.zeros((V, D), **f32) if need_dw else lse
+    db = torch.zeros(V, **f32) if need_db else lse
+    _linear_logprobs_bwd[(n_blocks * v_blocks,)](
+        h, h.stride(0), w, w.stride(0), b if b is not None else w, t, lse,
+        ent if ent is not None else lse,
+        g_logp if g_logp is not None else lse,
+        g_ent if g_ent is not None else lse,
+        dh, dw, db, N, V, D, inv_t, ignore_index, v_blocks,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None,
+        WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
+        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+        PRECISION=_precision(h.dtype), UPCAST=_upcast(h.dtype), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
+
+
+# -------------------------------------------------------------------------------------------- autograd
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+        inv_t = 1.0 / temperature
+        logp, lse, ent = _forward(hidden, weight, bias, targets, inv_t, ignore_index, return_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.inv_t, ctx.ignore_index, ctx.with_ent = inv_t, ignore_index, return_entropy
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        g_ent = g_ent if ctx.with_ent else None
+        if (g_logp is None and g_ent is None) or not (need_dh or need_dw or need_db):
+            zeros = (torch.zeros_like(x) if need and x is not None else None for x, need in
+                     zip((hidden, weight, bias), (need_dh, need_dw, need_db)))  # fmt: skip
+            return (*zeros, None, None, None, None)
+        g_logp = None if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        dh, dw, db = _backward(
+            hidden, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index,
+            need_dh, need_dw, need_db and bias is not None,
+        )  # fmt: skip
+        dh = None if dh is None else dh.to(hidden.dtype)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dh, dw, db, None, None, None, None
+
+
+def linear_token_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
+    """log softmax((hidden @ weight.T + bias) / T)[targets]: hidden (N, D), weight (V, D) -> fp32 (N,).
+
+    Returns (logp, entropy or None); gradients for hidden, weight (fp32-accumulated) and bias. Mixed input
+    dtypes are computed in the wider one. `chunk_size` is ignored (the tiles already bound memory).
+    """
+    del chunk_size
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, D) and weight (V, D); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)  # tl.dot needs both operands in one dtype
+    h = hidden.to(dtype)
+    w = weight.to(dtype)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    b = None if bias is None else bias.contiguous()
+    t = targets.contiguous().long()
+    if t.numel() == 0:
+        empty = h.new_zeros(0, dtype=torch.float32) + (h.sum() + w.sum()) * 0  # keeps the graph for autograd
+        return empty, (empty.clone() if return_entropy else None)
+    return _LinearTokenLogprobs.apply(h, w, b, t, float(temperature), int(ignore_index), bool(return_entropy))
