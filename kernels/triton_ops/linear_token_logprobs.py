@@ -274,8 +274,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         g_ent = g_ent if ctx.with_ent else None
         if (g_logp is None and g_ent is None) or not (need_dh or need_dw or need_db):
-            zeros = (torch.zeros_like(x) if need and x is not None else None for x, need in
-                     zip((hidden, weight, bias), (need_dh, need_dw, need_db)))  # fmt: skip
+            pairs = zip((hidden, weight, bias), (need_dh, need_dw, need_db), strict=True)
+            zeros = [torch.zeros_like(x) if need and x is not None else None for x, need in pairs]
             return (*zeros, None, None, None, None)
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()

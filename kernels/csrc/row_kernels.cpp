@@ -1,0 +1,232 @@
+// SIMD bodies of the per-row log-prob maths, written as plain loops that GCC vectorises.
+//
+// Why plain loops + target_clones rather than at::vec::Vectorized: ATen's runtime dispatch (DispatchStub) is
+// internal to libtorch; in an extension at::vec only gives the ISA the TU is compiled for, i.e. SSE2 without
+// -march flags. Here each leaf is cloned for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline, and the ifunc
+// resolver picks one from CPUID at load time. exp is our own Cephes-style polynomial (rel. error ~1e-7) so
+// the loops vectorise without -ffast-math; the reductions use `omp simd reduction` for the same reason.
+#include "row_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GVU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GVU_CLONES
+#endif
+#define GVU_INLINE inline __attribute__((always_inline))
+
+namespace gvu {
+namespace {
+
+// A block of logits small enough to stay in L1 (8 KiB of fp32) between its max pass and its exp pass, so a
+// row is read from memory once.
+constexpr int64_t kBlock = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this exp() would be subnormal (slow) or 0; we return exactly 0 so -inf logits give p = 0, not NaN.
+constexpr float kExpFloor = -87.0f;
+
+GVU_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+GVU_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+// exp(x) for x <= ~0 (callers subtract the row max). Cephes expf range reduction and polynomial; the
+// magic-constant add rounds to nearest without a libm call so the loop vectorises on every ISA level.
+GVU_INLINE float exp_neg(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  float k = xc * 1.44269504088896341f;
+  k = (k + 12582912.0f) - 12582912.0f;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
+  return x < kExpFloor ? 0.0f : p * scale;
+}
+
+struct LoadF32 {
+  const float* p;
+  GVU_INLINE float operator()(int64_t i) const { return p[i]; }
+};
+struct LoadBF16 {
+  const uint16_t* p;
+  GVU_INLINE float operator()(int64_t i) const { return bits_to_float(static_cast<uint32_t>(p[i]) << 16); }
+};
+// fp16 <-> fp32 by bit manipulation: GCC 12 does not vectorise _Float16 conversions without AVX512-FP16.
+struct LoadF16 {
+  const uint16_t* p;
+  GVU_INLINE float operator()(int64_t i) const {
+    const uint32_t h = p[i];
+    const uint32_t em = h & 0x7FFFu;
+    // Shifting exponent+mantissa into place and multiplying by 2^112 rebiases normals and subnormals alike.
+    const float mag = bits_to_float(em << 13) * 0x1p112f;
+    const uint32_t u = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : float_to_bits(mag);  // inf / NaN
+    return bits_to_float(u | ((h & 0x8000u) << 16));
+  }
+};
+struct StoreF32 {
+  float* p;
+  GVU_INLINE void operator()(int64_t i, float v) const { p[i] = v; }
+};
+struct StoreBF16 {
+  uint16_t* p;
+  // Round to nearest even, as c10::BFloat16 does; NaN stays a quiet NaN.
+  GVU_INLINE void operator()(int64_t i, float v) const {
+    uint32_t u = float_to_bits(v);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    p[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : r);
+  }
+};
+struct StoreF16 {
+  uint16_t* p;
+  // Round to nearest even. Subnormal halves come from adding a magic float whose ulp is the half ulp.
+  GVU_INLINE void operator()(int64_t i, float v) const {
+    const uint32_t u = float_to_bits(v);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;
+    const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;  // NaN : overflow to inf
+    const uint32_t magic = 126u << 23;  // 0.5f: its ulp equals the smallest half subnormal
+    const uint32_t sub = float_to_bits(bits_to_float(a) + bits_to_float(magic)) - magic;
+    const uint32_t odd = (a >> 13) & 1u;
+    const uint32_t norm = (a + 0xC8000FFFu + odd) >> 13;  // rebias (15 - 127) << 23, round half to even
+    const uint32_t r = a >= (143u << 23) ? big : (a < (113u << 23) ? sub : norm);
+    p[i] = static_cast<uint16_t>(r | sign);
+  }
+};
+
+template <typename Ld, bool WantT>
+GVU_INLINE SpanStats stats_body(Ld ld, int64_t n, float inv_t) {
+  SpanStats st{kNegInf, 0.0, 0.0};
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = ld(b + i);
+      bm = v > bm ? v : bm;
+    }
+    bm *= inv_t;  // inv_t > 0, so max(x) * inv_t == max(x * inv_t) exactly.
+    if (bm == kNegInf) continue;  // a block of -inf adds nothing
+    if (bm > st.m) {
+      if (st.s > 0.0) {
+        const double delta = static_cast<double>(st.m) - bm;
+        const double f = std::exp(delta);
+        st.t = f * (st.t + delta * st.s);
+        st.s *= f;
+      }
+      st.m = bm;
+    }
+    const float m = st.m;
+    float s = 0.0f, t = 0.0f;
+    if (WantT) {
+#pragma omp simd reduction(+ : s, t)
+      for (int64_t i = 0; i < len; ++i) {
+        const float d = ld(b + i) * inv_t - m;
+        const float e = exp_neg(d);
+        s += e;
+        t += e * (d < kExpFloor ? kExpFloor : d);  // e == 0 there; avoids 0 * -inf
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < len; ++i) s += exp_neg(ld(b + i) * inv_t - m);
+    }
+    st.s += s;
+    st.t += t;
+  }
+  return st;
+}
+
+template <typename Ld, typename St>
+GVU_INLINE void grad_body(Ld ld, St st, int64_t n, float inv_t, float lse, float c0, float c1, float h) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = ld(i) * inv_t - lse;
+    const float p = exp_neg(d);
+    const float logp = d < kExpFloor ? kExpFloor : d;  // p == 0 there; avoids 0 * -inf
+    st(i, inv_t * p * (c0 - c1 * (logp + h)));
+  }
+}
+
+#define GVU_STATS_LEAF(NAME, LOAD, CTYPE, WANT)                                      \
+  GVU_CLONES SpanStats NAME(const void* x, int64_t n, float inv_t) {                  \
+    return stats_body<LOAD, WANT>(LOAD{static_cast<const CTYPE*>(x)}, n, inv_t); \
+  }
+GVU_STATS_LEAF(stats_f32_t, LoadF32, float, true)
+GVU_STATS_LEAF(stats_f32_n, LoadF32, float, false)
+GVU_STATS_LEAF(stats_bf16_t, LoadBF16, uint16_t, true)
+GVU_STATS_LEAF(stats_bf16_n, LoadBF16, uint16_t, false)
+GVU_STATS_LEAF(stats_f16_t, LoadF16, uint16_t, true)
+GVU_STATS_LEAF(stats_f16_n, LoadF16, uint16_t, false)
+
+#define GVU_GRAD_LEAF(NAME, LOAD, ICTYPE, STORE, OCTYPE)                                                  \
+  GVU_CLONES void NAME(const void* x, void* out, int64_t n, float inv_t, float lse, float c0, float c1, \
+                       float h) {                                                                         \
+    grad_body(LOAD{static_cast<const ICTYPE*>(x)}, STORE{static_cast<OCTYPE*>(out)}, n, inv_t, lse, c0, \
+              c1, h);                                                                                     \
+  }
+GVU_GRAD_LEAF(grad_f32_f32, LoadF32, float, StoreF32, float)
+GVU_GRAD_LEAF(grad_bf16_bf16, LoadBF16, uint16_t, StoreBF16, uint16_t)
+GVU_GRAD_LEAF(grad_f16_f16, LoadF16, uint16_t, StoreF16, uint16_t)
+GVU_GRAD_LEAF(grad_bf16_f32, LoadBF16, uint16_t, StoreF32, float)
+GVU_GRAD_LEAF(grad_f16_f32, LoadF16, uint16_t, StoreF32, float)
+
+}  // namespace
+
+SpanStats span_stats(const void* x, DType dt, int64_t n, float inv_t, bool want_t) {
+  switch (dt) {
+    case DType::F32:
+      return want_t ? stats_f32_t(x, n, inv_t) : stats_f32_n(x, n, inv_t);
+    case DType::BF16:
+      return want_t ? stats_bf16_t(x, n, inv_t) : stats_bf16_n(x, n, inv_t);
+    case DType::F16:
+    default:
+      return want_t ? stats_f16_t(x, n, inv_t) : stats_f16_n(x, n, inv_t);
+  }
+}
+
+void merge_stats(SpanStats& a, const SpanStats& b) {
+  if (!(b.s > 0.0)) {
+    if (b.s != b.s) a.s = b.s;  // NaN propagates
+    return;
+  }
+  if (!(a.s > 0.0)) {
+    if (a.s != a.s) return;
+    a = b;
+    return;
+  }
+  const float m = std::max(a.m, b.m);
+  const double da = static_cast<double>(a.m) - m, db = static_cast<double>(b.m) - m;
+  const double fa = std::exp(da), fb = std::exp(db);
+  a.t = fa * (a.t + da * a.s) + fb * (b.t + db * b.s);
+  a.s = fa * a.s + fb * b.s;
+  a.m = m;
+}
+
+void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float lse, float c0,
+               float c1, float h) {
+  if (dt == DType::F32) return grad_f32_f32(x, out, n, inv_t, lse, c0, c1, h);
+  if (dt == DType::BF16) {
+    if (out_dt == DType::F32) return grad_bf16_f32(x, out, n, inv_t, lse, c0, c1, h);
+    return grad_bf16_bf16(x, out, n, inv_t, lse, c0, c1, h);
+  }
+  if (out_dt == DType::F32) return grad_f16_f32(x, out, n, inv_t, lse, c0, c1, h);
+  return grad_f16_f16(x, out, n, inv_t, lse, c0, c1, h);
+}
+
+const char* simd_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+  return "baseline";
+}
+
+}  // namespace gvu

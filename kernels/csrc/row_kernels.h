@@ -1,0 +1,36 @@
+// Per-row SIMD building blocks shared by the token and linear log-prob ops.
+//
+// Every function works on one contiguous span of a row of logits x (fp32, bf16 or fp16 stored as uint16) and
+// accumulates in fp32. They are compiled once per ISA level (AVX-512, AVX2+FMA, baseline x86-64) with GCC
+// target_clones and picked at load time from CPUID, so the shipped library never needs -march=native.
+#pragma once
+
+#include <cstdint>
+
+namespace gvu {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Stats of exp(z - m) over a span with z = x * inv_t: s = sum exp(z - m), t = sum exp(z - m) * (z - m).
+// With the row's final (m, s, t): lse = m + log s and entropy = log s - t / s.
+struct SpanStats {
+  float m;  // running max of z (-inf for an empty span or one of -inf)
+  double s;
+  double t;
+};
+
+// One pass over x[0, n): online max/sum-exp in L1-sized blocks (max of a block, then its exp sums).
+SpanStats span_stats(const void* x, DType dt, int64_t n, float inv_t, bool want_t);
+
+// Merge b into a (associative; either may be empty).
+void merge_stats(SpanStats& a, const SpanStats& b);
+
+// grad[i] = inv_t * p_i * (c0 - c1 * (log p_i + h)) with p_i = exp(x_i * inv_t - lse); the caller adds the
+// one-hot term at the target. out may alias x (in place) only when out_dt == dt.
+void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float lse, float c0,
+               float c1, float h);
+
+// Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline").
+const char* simd_level();
+
+}  // namespace gvu
