@@ -55,12 +55,15 @@ class LoraSettings:
         if self.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
         if not self.target_modules:
-            raise ConfigError("lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]")
+            raise ConfigError(
+                "lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]"
+            )
 
 
 @dataclass
 class DataConfig:
     prompts: str = "shapes"  # "shapes": the toy world's generated sets; or a GenEval-format .jsonl path
+    eval_file: str = ""  # held-out GenEval-format .jsonl when prompts is a file ("" : no held-out evaluation)
     seed: int = 0
     eval_prompts: int = 0  # 0: the whole held-out set; N: its first N prompts
 
@@ -90,7 +93,9 @@ class GRPOSettings:
         if self.reward_teacher not in TEACHERS:
             raise ConfigError(f"grpo.reward_teacher must be one of {TEACHERS}, got {self.reward_teacher!r}")
         if self.group_size < 2:
-            raise ConfigError(f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}")
+            raise ConfigError(
+                f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}"
+            )
         if self.prompts_per_step < 1 or self.updates_per_rollout < 1:
             raise ConfigError("grpo.prompts_per_step and grpo.updates_per_rollout must be >= 1")
         if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0:
@@ -197,7 +202,9 @@ def _build(cls, data: dict, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = set(data) - set(names)
     if unknown:
-        raise ConfigError(f"unknown config field(s) {sorted(prefix + k for k in unknown)}; known in {prefix or 'root'}: {names}")
+        raise ConfigError(
+            f"unknown config field(s) {sorted(prefix + k for k in unknown)}; known in {prefix or 'root'}: {names}"
+        )
     kwargs = {}
     for name in names:
         if name not in data:

@@ -24,7 +24,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}")
+            raise ValueError(
+                f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"sampling.top_k must be >= 0 (0 disables it); got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -101,13 +101,17 @@ def linear_token_logprobs(
             f"weight {tuple(weight.shape)}"
         )
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}"
+        )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     if not (hidden.device == weight.device == targets.device):
-        raise ValueError(f"hidden, weight and targets must share a device; got {hidden.device}, {weight.device}, {targets.device}")
+        raise ValueError(
+            f"hidden, weight and targets must share a device; got {hidden.device}, {weight.device}, {targets.device}"
+        )
     _check_targets(targets, weight.shape[0], ignore_index)
     lead = targets.shape
     h, t = _rows(hidden), targets.reshape(-1).long()

@@ -61,3 +61,19 @@ def adapter_disabled(model: nn.Module):
             f"{type(m).__name__} has no LoRA adapter to disable; the reference needs a peft model "
             "(set lora.enabled=true) or beta=0"
         )
+
+
+def load_umm(cfg):
+    """(adapter, transformers model) for a `ModelConfig`: the backend named by cfg.backend, weights from cfg.path."""
+    from gvu.config import ConfigError, resolve_path
+
+    path = resolve_path(cfg.path)
+    if not path.exists():
+        raise ConfigError(f"model.path={cfg.path!r}: no such folder (looked in the cwd and the repo)")
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.backend == "toy":
+        from gvu.models.toy import ToyUMM
+
+        adapter, model = ToyUMM.from_pretrained(path)
+        return adapter, model.to(dtype)
+    raise ConfigError(f"model.backend={cfg.backend!r} is not available yet; use 'toy'")

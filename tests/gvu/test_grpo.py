@@ -53,7 +53,9 @@ def test_clipping_hand_values():
     assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
     assert m["clip_frac"].item() == pytest.approx(0.5)
     # clip-higher: eps_high 0.6 leaves ratio 1.5 unclipped for A > 0
-    loss, _ = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), eps_high=0.6, loss_type="bnpo")
+    loss, _ = grpo_loss(
+        logp, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), eps_high=0.6, loss_type="bnpo"
+    )
     assert loss.item() == pytest.approx(-(1.5 + 0.5) / 2)
 
 
@@ -80,4 +82,6 @@ def test_bad_inputs_raise_with_shapes():
     with pytest.raises(ValueError, match="needs ref_logp"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool), beta=0.1)
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool), loss_type="x")
+        grpo_loss(
+            torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool), loss_type="x"
+        )

@@ -1,0 +1,74 @@
+"""Prompt sets (GenEval-format metadata dicts) and the deterministic per-step prompt sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from gvu.config import ConfigError, DataConfig, resolve_path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """GenEval-format metadata: one JSON object per line with at least `prompt` (and `tag` for per-tag scores)."""
+    metas = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one metadata object") from None
+        if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
+            raise ConfigError(f"{path}:{i}: each line needs a string field 'prompt' (GenEval metadata format)")
+        m.setdefault("tag", "all")
+        metas.append(m)
+    if not metas:
+        raise ConfigError(f"{path}: no prompts found")
+    return metas
+
+
+def load_prompt_sets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out eval) metadata lists. "shapes" generates the toy world's disjoint sets from `cfg.seed`."""
+    if cfg.prompts == "shapes":
+        from gvu import shapes_world
+
+        train, evals = shapes_world.make_prompt_sets(cfg.seed)
+    else:
+        path = resolve_path(cfg.prompts)
+        if not path.exists():
+            raise ConfigError(f"data.prompts={cfg.prompts!r}: file not found; give a GenEval-format .jsonl or 'shapes'")
+        train = read_jsonl(path)
+        evals = read_jsonl(resolve_path(cfg.eval_file)) if cfg.eval_file else []
+    if cfg.eval_prompts:
+        evals = evals[: cfg.eval_prompts]
+    return train, evals
+
+
+class PromptSampler:
+    """Which prompts a rank trains on at a step: epochs of seeded shuffles, so a resumed run draws the same."""
+
+    def __init__(self, metas: list[dict], per_step: int, seed: int, rank: int = 0, world: int = 1):
+        if per_step % world:
+            raise ConfigError(f"grpo.prompts_per_step={per_step} must be divisible by the number of ranks ({world})")
+        self.metas, self.per_step, self.seed, self.rank, self.world = metas, per_step, seed, rank, world
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch in self._orders:
+            return self._orders[epoch]
+        idx = list(range(len(self.metas)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
+        self._orders = {epoch: idx}
+        return idx
+
+    def batch(self, step: int) -> list[dict]:
+        """The prompts of this rank at `step` (global batch sliced by rank)."""
+        n = len(self.metas)
+        start = step * self.per_step
+        out = []
+        for j in range(start, start + self.per_step):
+            epoch, pos = divmod(j, n)
+            out.append(self.metas[self._order(epoch)[pos]])
+        k = self.per_step // self.world
+        return out[self.rank * k : (self.rank + 1) * k]
