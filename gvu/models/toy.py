@@ -1,0 +1,461 @@
+"""The toy early-fusion UMM of the shapes world: text words and image codes in one vocabulary, one decoder.
+
+Sequence layouts (an image is 6 rows of 6 codes, each row closed by <eor> as in Emu3; 42 tokens):
+    generation     [bos] prompt [boi] row1 <eor> ... row6 <eor> [eoi]
+    unconditional  [bos] [boi] row1 <eor> ... row6 <eor> [eoi]          (CFG's branch; prompt dropped ~10%)
+    understanding  [bos] [boi] row1 <eor> ... row6 <eor> [eoi] [describe] prompt [eos]
+Image tokens handed to and from the trainer are CODE indices 0..K-1 (K = 121) in raster order, without
+<eor>; the adapter inserts <eor>. In the vocabulary the codes are one contiguous block of ids, so the code rows
+of lm_head are a view of its weight.
+
+Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine);
+`backbone_and_head` gives the decoder body (last hidden states) and the lm_head, which is applied only where
+log-probs are needed, through kernels.linear_token_logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import kernels
+from gvu import shapes_world as W
+from gvu.models import backbone_and_head, gathered, unwrap
+from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<boi>", "<eoi>", "<eor>", "<describe>")
+WORDS = tuple(
+    dict.fromkeys(
+        ["a", "an", "photo", "of", "and", "left", "right", "above", "below", "two", "three", "four"]
+        + list(W.SIZES)
+        + list(W.COLORS)
+        + list(W.SHAPES)
+        + [W.PLURALS[s] for s in W.SHAPES]
+    )
+)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt word ids (no bos/boi): ids int64 (B, Lp), mask bool (B, Lp) True at real tokens."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def repeat_interleave(self, g: int) -> PromptBatch:
+        """Each prompt g times in a row: (B, Lp) -> (B*g, Lp); row b*g+i is prompt b."""
+        return PromptBatch(
+            self.ids.repeat_interleave(g, 0),
+            self.mask.repeat_interleave(g, 0),
+            [t for t in self.texts for _ in range(g)],
+        )
+
+    def to(self, device) -> PromptBatch:
+        return PromptBatch(self.ids.to(device), self.mask.to(device), self.texts)
+
+    def __getitem__(self, idx) -> PromptBatch:
+        """Rows `idx` (slice or index list), keeping the left padding of the batch."""
+        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
+        return PromptBatch(self.ids[rows], self.mask[rows], [self.texts[i] for i in rows])
+
+
+def build_tokenizer() -> Tokenizer:
+    """WordLevel tokenizer over specials + words + one token per image code (<c0>..<c120>)."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(f"<c{k}>" for k in range(W.NUM_CODES)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def default_config(vocab_size: int, **overrides):
+    """A tiny Llama: d=96, 3 layers, 4 heads, FFN 384 (the prototype's size, ~0.45M parameters)."""
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=96,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=SPECIALS.index("<bos>"),
+        eos_token_id=SPECIALS.index("<eos>"),
+    )
+    kw.update(overrides)
+    cfg = LlamaConfig(**kw)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+class ToyUMM:
+    """Layout of the toy UMM (tokenizer, sequence formats, renderer); holds no weights."""
+
+    row = W.GRID
+    image_len = W.IMAGE_LEN  # codes per image, without <eor>
+    num_codes = W.NUM_CODES
+    layout_len = W.GRID * (W.GRID + 1)  # codes + one <eor> per row
+    image_size = W.GRID * W.CELL
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer or build_tokenizer()
+        v = self.tokenizer.get_vocab()
+        self.vocab_size = len(v)
+        self.pad, self.unk, self.bos, self.eos = (v[t] for t in ("<pad>", "<unk>", "<bos>", "<eos>"))
+        self.boi, self.eoi, self.eor, self.describe = (v[t] for t in ("<boi>", "<eoi>", "<eor>", "<describe>"))
+        self.code_offset = v["<c0>"]
+        if [v[f"<c{k}>"] for k in range(self.num_codes)] != list(
+            range(self.code_offset, self.code_offset + self.num_codes)
+        ):
+            raise ValueError("tokenizer.json must hold the image codes <c0>..<c120> as one contiguous block of ids")
+        self.word_ids = torch.tensor(sorted(v[w] for w in WORDS))
+        # positions of the 36 codes inside the 42-token image layout
+        self.code_slots = torch.tensor([r * (self.row + 1) + c for r in range(self.row) for c in range(self.row)])
+
+    # ---------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def new_model(cls, seed: int = 0, **config_overrides):
+        """(adapter, randomly initialised LlamaForCausalLM) for pretraining or tests."""
+        from transformers import LlamaForCausalLM
+
+        adapter = cls()
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(default_config(adapter.vocab_size, **config_overrides))
+        return adapter, model
+
+    @classmethod
+    def from_pretrained(cls, path: str):
+        """(adapter, model) from a directory written by `save_pretrained`."""
+        from transformers import AutoModelForCausalLM
+
+        tok_path = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok_path):
+            raise FileNotFoundError(
+                f"{tok_path} missing: {path} is not a toy UMM checkpoint (make one with "
+                "`python -m gvu.pretrain_toy --out <dir>`)"
+            )
+        adapter = cls(Tokenizer.from_file(tok_path))
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+        model.eval()
+        return adapter, model
+
+    def save_pretrained(self, path: str, model) -> None:
+        """config.json + model.safetensors (HF), tokenizer.json and world.json (layout) into `path`."""
+        os.makedirs(path, exist_ok=True)
+        unwrap(model).save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        world = {
+            "grid": W.GRID,
+            "cell_px": W.CELL,
+            "num_codes": self.num_codes,
+            "code_offset": self.code_offset,
+            "shapes": W.SHAPES,
+            "colors": W.COLORS,
+            "sizes": W.SIZES,
+            "layout": {
+                "generation": "[bos] prompt [boi] (row <eor>) x6 [eoi]",
+                "understanding": "[bos] [boi] (row <eor>) x6 [eoi] [describe] prompt [eos]",
+            },
+        }
+        with open(os.path.join(path, "world.json"), "w") as f:
+            json.dump(world, f, indent=1)
+
+    # -------------------------------------------------------------------------------------- text, pixels
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text).ids
+        if self.unk in ids or not ids:
+            bad = [w for w in text.split() if w not in WORDS]
+            raise ValueError(f"prompt {text!r} has words outside the toy vocabulary: {bad}; known words: {WORDS}")
+        return ids
+
+    def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
+        """Prompts -> left-padded PromptBatch (B, Lp) of word ids (no bos/boi; the layouts add them)."""
+        rows = [self.encode_text(t) for t in texts]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r) :] = torch.tensor(r)
+            mask[i, L - len(r) :] = True
+        return (
+            PromptBatch(ids, mask, list(texts)).to(device)
+            if device is not None
+            else PromptBatch(ids, mask, list(texts))
+        )
+
+    def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
+        """Codes (N, 36) -> uint8 pixels (N, 96, 96, 3)."""
+        return W.render(torch.as_tensor(image_tokens).cpu().numpy())
+
+    def encode(self, pixels) -> torch.Tensor:
+        """uint8 pixels (N, 96, 96, 3) (numpy or tensor) -> codes int64 (N, 36); exact inverse of decode."""
+        p = pixels.cpu().numpy() if torch.is_tensor(pixels) else np.asarray(pixels)
+        return torch.from_numpy(W.read_image(p.reshape(-1, self.image_size, self.image_size, 3)))
+
+    def image_layout(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (N, 36) -> token ids (N, 42): each row of codes followed by <eor>."""
+        n = codes.shape[0]
+        rows = codes.long().view(n, self.row, self.row) + self.code_offset
+        eor = torch.full((n, self.row, 1), self.eor, dtype=torch.long, device=codes.device)
+        return torch.cat([rows, eor], -1).view(n, self.layout_len)
+
+    # ---------------------------------------------------------------------------------------- sequences
+
+    def _prefix(self, prompts: PromptBatch, unconditional: bool = False):
+        """Left-padded generation prefix [bos] prompt [boi]: ids (N, Lp+2), attention mask (N, Lp+2) long."""
+        n, L = prompts.ids.shape
+        dev = prompts.ids.device
+        bos = torch.full((n, 1), self.bos, dtype=torch.long, device=dev)
+        boi = torch.full((n, 1), self.boi, dtype=torch.long, device=dev)
+        if unconditional:  # [bos][boi] left-padded to the same length, so cond and uncond rows share one batch
+            ids = torch.cat([torch.full((n, L), self.pad, dtype=torch.long, device=dev), bos, boi], 1)
+            mask = torch.cat(
+                [torch.zeros((n, L), dtype=torch.long, device=dev), torch.ones((n, 2), dtype=torch.long, device=dev)], 1
+            )
+            return ids, mask
+        ones = torch.ones((n, 1), dtype=torch.long, device=dev)
+        return torch.cat([bos, prompts.ids, boi], 1), torch.cat([ones, prompts.mask.long(), ones], 1)
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.cumsum(-1) - 1).clamp_min(0)
+
+    def _code_rows(self, head) -> torch.Tensor:
+        """The lm_head rows of the image codes (K, D): a view, so gradients reach the head."""
+        return head.weight[self.code_offset : self.code_offset + self.num_codes]
+
+    # --------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
+        """Sample `num_samples` images per prompt -> codes int64 (B*G, 36); row b*G+g is sample g of prompt b.
+
+        One batched KV-cache loop: prefill the left-padded prefixes, then one forward per code, except that
+        a row's last code and its forced <eor> go in together (36 forwards). Sampling sees only the code
+        logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run in the
+        same batch and the logits are combined before temperature / top-k / top-p / min-p.
+        """
+        body, head = backbone_and_head(model)
+        p = prompts.repeat_interleave(num_samples)
+        n = len(p)
+        cfg = sampling.cfg_scale > 1
+        ids, mask = self._prefix(p)
+        if cfg:
+            u_ids, u_mask = self._prefix(p, unconditional=True)
+            ids, mask = torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
+        pos = self._positions(mask)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        h = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        h = h.last_hidden_state[:, -1]
+        next_pos = pos[:, -1] + 1
+        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
+        with gathered(head.weight):
+            wc = self._code_rows(head)
+            bc = head.bias[self.code_offset : self.code_offset + self.num_codes] if head.bias is not None else None
+            for t in range(self.image_len):
+                logits = torch.nn.functional.linear(h, wc, bc).float()
+                if cfg:
+                    logits = cfg_combine(logits[:n], logits[n:], sampling.cfg_scale)
+                tok = sample_next(logits, sampling, generator)
+                out[:, t] = tok
+                if t == self.image_len - 1:
+                    break
+                feed = (tok + self.code_offset).unsqueeze(1)
+                if cfg:
+                    feed = torch.cat([feed, feed])
+                if (t + 1) % self.row == 0:  # end of a row: the forced <eor> goes in with the code
+                    feed = torch.cat([feed, torch.full_like(feed, self.eor)], 1)
+                k = feed.shape[1]
+                mask = torch.cat([mask, torch.ones_like(feed)], 1)
+                step_pos = next_pos.unsqueeze(1) + torch.arange(k, device=feed.device)
+                next_pos = next_pos + k
+                h = body(
+                    input_ids=feed, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True
+                )
+                h = h.last_hidden_state[:, -1]
+        return out
+
+    def _image_hidden(self, model, prompts: PromptBatch, image_tokens: torch.Tensor, with_uncond: bool):
+        """Teacher-forced hidden states that predict each code: (N, 36, D), or (2N, 36, D) with the
+        unconditional rows ([bos][boi] left-padded to the same length) after the conditional ones."""
+        body, _ = backbone_and_head(model)
+        ids, mask = self._prefix(prompts)
+        if with_uncond:
+            u_ids, u_mask = self._prefix(prompts, unconditional=True)
+            ids, mask = torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
+            image_tokens = torch.cat([image_tokens, image_tokens])
+        P = ids.shape[1]
+        ids = torch.cat([ids, self.image_layout(image_tokens)], 1)
+        mask = torch.cat([mask, torch.ones((ids.shape[0], self.layout_len), dtype=torch.long, device=ids.device)], 1)
+        h = body(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask)).last_hidden_state
+        return h[:, P - 1 + self.code_slots.to(h.device)]  # the state before each code predicts it
+
+    def image_logprobs(
+        self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0
+    ):
+        """log p(code_t | prompt, codes_<t) of the distribution rollout samples from -> fp32 (B*G, 36), with grad.
+
+        prompts: B rows; image_tokens: (B*G, 36) codes, G consecutive samples per prompt. The softmax is over the
+        K codes only (as in `generate`), at `temperature`. Without CFG the code rows of lm_head go to
+        kernels.linear_token_logprobs. With cfg_scale > 1 the unconditional rows run in the same pass; the
+        combination needs both branches' logits, so the K code logits are formed explicitly (K = 121, small:
+        (2N*36, 121) fp32) and scored by kernels.token_logprobs.
+        """
+        n = image_tokens.shape[0]
+        if n % len(prompts):
+            raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
+        p = prompts.repeat_interleave(n // len(prompts))
+        _, head = backbone_and_head(model)
+        targets = image_tokens.long()
+        cfg = cfg_scale > 1
+        h = self._image_hidden(model, p, targets, with_uncond=cfg)
+        bias = head.bias[self.code_offset : self.code_offset + self.num_codes] if head.bias is not None else None
+        with gathered(head.weight):
+            wc = self._code_rows(head)
+            if not cfg:
+                lp = kernels.linear_token_logprobs(
+                    h.reshape(-1, h.shape[-1]), wc, targets.reshape(-1), bias=bias, temperature=temperature
+                )
+                return lp.view(n, self.image_len)
+            logits = torch.nn.functional.linear(h, wc, bias).float()
+        logits = cfg_combine(logits[:n], logits[n:], cfg_scale)
+        return kernels.token_logprobs(logits, targets, temperature=temperature)
+
+    # ------------------------------------------------------------------------------------ understanding
+
+    def _understanding_prefix(self, codes: torch.Tensor) -> torch.Tensor:
+        """[bos][boi] image [eoi][describe]: (N, 46)."""
+        n, dev = codes.shape[0], codes.device
+
+        def col(t):
+            return torch.full((n, 1), t, dtype=torch.long, device=dev)
+
+        return torch.cat([col(self.bos), col(self.boi), self.image_layout(codes), col(self.eoi), col(self.describe)], 1)
+
+    def prompt_logprobs(self, model, images, prompts: PromptBatch):
+        """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)), aligned with
+        prompts.ids (left-padded); padded entries are 0.
+
+        images: uint8 (N, 96, 96, 3) pixels, read back to codes. ONE teacher-forced pass of the right-padded
+        understanding sequences (so a row's values do not depend on its batch); the lm_head runs only at the
+        states that predict prompt words, over the full vocabulary. The final <eos> is not scored: the reward
+        is the geometric mean over the prompt's own tokens.
+        """
+        body, head = backbone_and_head(model)
+        dev = prompts.ids.device
+        codes = self.encode(images).to(dev)
+        if codes.shape[0] != len(prompts):
+            raise ValueError(f"{codes.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+        pre = self._understanding_prefix(codes)
+        n, Lp = prompts.ids.shape
+        P = pre.shape[1]
+        lens = prompts.mask.sum(1)
+        # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
+        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
+        seq = torch.full((n, P + Lp), self.pad, dtype=torch.long, device=dev)
+        seq[:, :P] = pre
+        rows, cols = prompts.mask.nonzero(as_tuple=True)
+        seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
+        h = body(input_ids=seq).last_hidden_state  # right padding: causal attention never sees the pads
+        hs = h[rows, P - 1 + col[rows, cols]]
+        with gathered(head.weight):
+            lp = kernels.linear_token_logprobs(hs, head.weight, prompts.ids[rows, cols], bias=head.bias)
+        logp = torch.zeros((n, Lp), dtype=torch.float32, device=dev)
+        logp[rows, cols] = lp
+        return logp, prompts.mask.clone()
+
+    @torch.no_grad()
+    def caption(self, model, images, greedy: bool = True, max_words: int = 16, generator=None) -> list[str]:
+        """Understanding branch writing a prompt for each image: uint8 (N, 96, 96, 3) -> N strings.
+
+        Decoding is restricted to the words and <eos> (greedy, or sampled at temperature 1).
+        """
+        from transformers import DynamicCache
+
+        body, head = backbone_and_head(model)
+        dev = next(unwrap(model).parameters()).device
+        codes = self.encode(images).to(dev)
+        ids = self._understanding_prefix(codes)
+        n = ids.shape[0]
+        allowed = torch.cat([self.word_ids, torch.tensor([self.eos])]).to(dev)
+        cache = DynamicCache()
+        h = body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        pos = ids.shape[1]
+        out = torch.full((n, max_words), self.eos, dtype=torch.long, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        with gathered(head.weight):
+            w = head.weight[allowed]
+            for t in range(max_words):
+                logits = torch.nn.functional.linear(h, w).float()
+                k = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+                tok = torch.where(done, torch.full_like(k, self.eos), allowed[k])
+                out[:, t] = tok
+                done |= tok == self.eos
+                if bool(done.all()):
+                    break
+                h = body(
+                    input_ids=tok[:, None],
+                    position_ids=torch.full((n, 1), pos, device=dev),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
+                pos += 1
+        texts = []
+        for row in out.tolist():
+            words = row[: row.index(self.eos)] if self.eos in row else row
+            texts.append(self.tokenizer.decode(words, skip_special_tokens=True))
+        return texts
+
+    # ----------------------------------------------------------------------------------------- training
+
+    def training_batch(self, texts: list[str | None], codes: torch.Tensor, understanding: list[bool]):
+        """Right-padded pretraining sequences -> (input ids (N, L), target ids (N, L) with -100 unscored).
+
+        Row i is the understanding sequence of (codes[i], texts[i]) when understanding[i], else the generation
+        sequence; texts[i] None means the unconditional generation sequence. Targets: the codes of a
+        generation row, the prompt words and <eos> of an understanding row (position t predicts token t+1).
+        """
+        seqs, tgts = [], []
+        layouts = self.image_layout(codes).tolist()
+        for text, lay, und in zip(texts, layouts, understanding, strict=True):
+            words = self.encode_text(text) if text is not None else []
+            if und:
+                s = [self.bos, self.boi] + lay + [self.eoi, self.describe] + words + [self.eos]
+                scored = set(range(len(s) - len(words) - 1, len(s)))
+            else:
+                s = [self.bos] + words + [self.boi] + lay + [self.eoi]
+                start = len(words) + 2
+                scored = {start + j for j in self.code_slots.tolist()}
+            seqs.append(s)
+            tgts.append([s[j] if j in scored else -100 for j in range(len(s))])
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
+        tg = torch.full((len(seqs), L), -100, dtype=torch.long)
+        for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            tg[i, : len(t) - 1] = torch.tensor(t[1:])  # the state at t predicts token t+1
+        return ids, tg
+
+    def training_loss(self, model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over scored positions (full vocabulary), fp32 scalar with grad."""
+        body, head = backbone_and_head(model)
+        h = body(input_ids=ids).last_hidden_state
+        keep = targets != -100
+        lp = kernels.linear_token_logprobs(h[keep], head.weight, targets[keep], bias=head.bias)
+        return -lp.mean()
