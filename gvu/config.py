@@ -130,6 +130,7 @@ class TrainConfig:
     deepspeed: str = "configs/ds_zero2.json"
     log_every: int = 10
     save_every: int = 100  # DeepSpeed checkpoint + adapter every N steps (and at the end)
+    keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept; older ones are deleted after a save
     eval_samples: int = 16  # samples per held-out prompt in the before/after evaluation
     eval_before: bool = True
     eval_after: bool = True
@@ -142,6 +143,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 0:
             raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
+        if self.save_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("train.save_every and train.keep_checkpoints must be >= 1")
         if self.eval_samples < 1:
             raise ConfigError(f"train.eval_samples must be >= 1, got {self.eval_samples}")
 

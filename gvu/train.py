@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 import kernels
-from gvu import evaluate as gvu_eval
 from gvu.config import Config, ConfigError, load_config, resolve_path
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.grpo import grpo_loss
@@ -126,6 +125,21 @@ def build_model(cfg: Config):
     except ValueError as e:
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}") from None
     return adapter, model
+
+
+def make_engine(model, cfg: Config, world: int):
+    """DeepSpeed engine over the peft model, optimising only the trainable (LoRA) parameters."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # the scheduler is stepped by engine.step() at each optimizer step and saved in DeepSpeed's checkpoints
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        config=deepspeed_config(cfg, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
+    return engine
 
 
 def lr_lambda(cfg: Config):
@@ -228,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from gvu import evaluate as gvu_eval
+
     rank, world = init_distributed()
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // world))
     random.seed(cfg.train.seed)
@@ -235,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
-
-    import deepspeed
 
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -258,14 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(train_metas)} train / {len(eval_metas)} held-out prompts | ranks {world} | "
         f"kernels backend {kernels.choose(torch.device('cpu'))}"
     )
-    ds_cfg = deepspeed_config(cfg, world)
-    # the scheduler is stepped by engine.step() at each optimizer step and saved in DeepSpeed's checkpoints
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-    )
+    engine = make_engine(model, cfg, world)
 
     start_step, state = 0, {}
     if resume_tag is not None:
@@ -312,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         out_of_time = cfg.train.time_limit_minutes and (time.time() - t_train) / 60 > cfg.train.time_limit_minutes
         if steps_done % cfg.train.save_every == 0 or out_of_time:
-            save_checkpoint(engine, adapter, run_dir, steps_done, results, is_main)
+            save_checkpoint(engine, run_dir, steps_done, results, is_main, cfg.train.keep_checkpoints)
         if out_of_time:
             say(f"train.time_limit_minutes={cfg.train.time_limit_minutes} reached at step {steps_done}")
             break
     if profiler is not None:
         profiler.stop()
-    save_checkpoint(engine, adapter, run_dir, steps_done, results, is_main)
+    save_checkpoint(engine, run_dir, steps_done, results, is_main, cfg.train.keep_checkpoints)
     if steps_done > start_step:
         say(phase_table(phase_totals, steps_done - start_step))
 
@@ -365,6 +372,8 @@ def phase_table(totals: dict[str, float], steps: int) -> str:
 
 def evaluate_all(adapter, model, metas, cfg: Config, rank: int, world: int) -> dict:
     """Held-out generation score and understanding checks; each rank takes a shard and rank 0 merges."""
+    from gvu import evaluate as gvu_eval
+
     shard = metas[rank::world]
     res = gvu_eval.evaluate_shard(
         adapter, model, shard, samples_per_prompt=cfg.train.eval_samples, sampling=cfg.sampling, seed=cfg.train.seed
@@ -391,7 +400,7 @@ def write_samples(adapter, model, metas, cfg: Config, path: Path, is_main: bool)
         save_grid(path, images, [m["prompt"] for m in chosen for _ in range(4)], cols=8)
 
 
-def save_checkpoint(engine, adapter, run_dir: Path, step: int, results: dict, is_main: bool) -> None:
+def save_checkpoint(engine, run_dir: Path, step: int, results: dict, is_main: bool, keep: int) -> None:
     """DeepSpeed checkpoint (resumable: optimizer, scheduler, step) + the LoRA adapter in peft's format."""
     tag = f"step{step}"
     ckpt_dir = run_dir / "checkpoints"
@@ -399,6 +408,12 @@ def save_checkpoint(engine, adapter, run_dir: Path, step: int, results: dict, is
         return
     # DeepSpeed writes `latest` only after the tag's files, so a kill mid-save resumes from the previous tag
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "results": results})
+    if is_main:
+        import shutil
+
+        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     from gvu.models import gathered
 
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
