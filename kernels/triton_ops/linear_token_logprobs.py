@@ -6,7 +6,7 @@ or None. With z = (h_n . w_j + b_j) / T:
     forward  (grid: row block x vocab split): tiles z = h_blk @ w_blk.T with tl.dot (fp32 accumulators),
              keeps a per-row online (max m, s = sum exp(z - m), u = sum exp(z - m)(z - m)) over its vocab
              blocks and picks z_target out of the tile that holds it; a tiny O(N x splits) combine gives
-             lse = m + log s and H = log s - u / s. Saved for backward: lse, H (O(N)) and the inputs.
+             logp = (z_t - m) - log s and H = log s - u / s. Saved: (m, log s), H (O(N)) and the inputs.
     backward (grid: row block x vocab block): recomputes the z tile, forms
              dz = (g_logp (onehot - p) - g_H p (log p + H)) / T, then dH += dz @ w_blk and dW += dz.T @ h_blk
              with fp32 atomics into fp32 buffers (cast to the input dtypes at the end), dbias += colsum(dz).
@@ -18,19 +18,20 @@ The fp32 atomics make dW/dH summation order (and so the last bits) run-dependent
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_ops._common import cast_out, interpreting
 
 # ---------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST feeds fp32 operands: Triton 3.9's interpreter multiplies bf16 bit patterns."""
-    if UPCAST:
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc + a @ b in fp32. INTERP_BF16: Triton 3.9's interpreter multiplies bf16 bit patterns, so feed fp32
+    (bf16 x bf16 products are exact in fp32: same result as the tensor cores)."""
+    if INTERP_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -39,7 +40,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _logit_tile(
     h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):  # fmt: skip
     """z = (h[rows] @ w[cols].T + b[cols]) / T as a fp32 (BLOCK_N, BLOCK_V) tile; padded columns are -inf."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -50,7 +51,7 @@ def _logit_tile(
         kmask = ks < D
         h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
-        acc = _dot(h, tl.trans(w), acc, PRECISION, UPCAST)
+        acc = _dot(h, tl.trans(w), acc, PRECISION, INTERP_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_mask[None, :], acc * inv_t, -float("inf"))
@@ -62,7 +63,7 @@ def _linear_logprobs_fwd(
     m_ptr, s_ptr, u_ptr, zt_ptr,
     N, V, D, inv_t, num_splits, blocks_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):  # fmt: skip
     # 1-D grid (no 65535 limit); consecutive programs share a row block, so its hidden tile is reused from L2.
     pid = tl.program_id(0)
@@ -81,7 +82,7 @@ def _linear_logprobs_fwd(
         col_mask = cols < V
         z = _logit_tile(
             h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
-            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, UPCAST,
+            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, INTERP_BF16,
         )  # fmt: skip
         # The target logit comes out of the tile already computed (same rounding as the lse it is compared to).
         is_t = cols[None, :] == tgt[:, None]
@@ -105,13 +106,13 @@ def _linear_logprobs_fwd(
 
 @triton.jit
 def _linear_logprobs_bwd(
-    h_ptr, stride_h, w_ptr, stride_w, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    h_ptr, stride_h, w_ptr, stride_w, b_ptr, tgt_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     dh_ptr, dw_ptr, db_ptr,
     N, V, D, inv_t, ignore_index, num_v_blocks,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, WITH_G_LOGP: tl.constexpr, WITH_G_ENT: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_n = pid // num_v_blocks
@@ -124,10 +125,11 @@ def _linear_logprobs_bwd(
     keep = row_mask & (tgt != ignore_index)
     z = _logit_tile(
         h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, cols, row_mask, col_mask, D, inv_t,
-        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, UPCAST,
+        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, PRECISION, INTERP_BF16,
     )  # fmt: skip
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    logp = z - lse[:, None]
+    m = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
+    log_s = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
+    logp = (z - m[:, None]) - log_s[:, None]  # not z - lse: exact exponent even for large logits
     p = tl.exp(logp)
     dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if WITH_G_LOGP:
@@ -142,7 +144,9 @@ def _linear_logprobs_bwd(
     if tl.max(tl.abs(dz)) > 0:
         if NEED_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-        dz_in = dz.to(h_ptr.dtype.element_ty)  # tensor-core operand; the products still accumulate in fp32
+        dz_in = cast_out(
+            dz, h_ptr.dtype.element_ty, INTERP_BF16
+        )  # tensor-core operand; the products still accumulate in fp32
         h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
         dh_rows = dh_ptr + rows.to(tl.int64)[:, None] * D
@@ -153,25 +157,21 @@ def _linear_logprobs_bwd(
             if NEED_DH:
                 wm = col_mask[:, None] & kmask[None, :]
                 w = tl.load(w_rows + ks[None, :], mask=wm, other=0.0)
-                dh = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST)
+                dh = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), PRECISION, INTERP_BF16)
                 tl.atomic_add(dh_rows + ks[None, :], dh, mask=row_mask[:, None] & kmask[None, :])
             if NEED_DW:
                 hm = row_mask[:, None] & kmask[None, :]
                 h = tl.load(h_rows + ks[None, :], mask=hm, other=0.0)
-                dw = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST)
+                dw = _dot(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), PRECISION, INTERP_BF16)
                 tl.atomic_add(dw_rows + ks[None, :], dw, mask=col_mask[:, None] & kmask[None, :])
 
 
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(device: torch.device) -> dict:
     """Tile sizes and the number of programs to aim for; tl.dot needs every block dim >= 16."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         # The interpreter runs programs one after another in numpy: small tiles keep tests fast and make
         # modest shapes cross several row, vocab and D blocks (and at least two vocab splits).
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, target_programs=0)
@@ -186,8 +186,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
+def _interp_bf16(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
 
 
 def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
@@ -210,26 +210,27 @@ def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
         h, h.stride(0), w, w.stride(0), b if b is not None else w, t, m, s, u, zt,
         N, V, D, inv_t, splits, per_split,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None, WITH_ENT=with_ent,
-        PRECISION=_precision(h.dtype), UPCAST=_upcast(h.dtype), num_warps=cfg["num_warps"],
+        PRECISION=_precision(h.dtype), INTERP_BF16=_interp_bf16(h.dtype), num_warps=cfg["num_warps"],
     )  # fmt: skip
     # Combine the per-split (m, s, u): O(N x splits), negligible next to the N x V x D tile work.
     mx = m.amax(1, keepdim=True)
     shift = torch.where(mx == -float("inf"), torch.zeros_like(mx), mx)
     scale = torch.exp(m - shift)
     s_tot = (s * scale).sum(1)
-    lse = shift.squeeze(1) + torch.log(s_tot)
+    log_s = torch.log(s_tot)
     keep = t != ignore_index
-    zero = torch.zeros_like(lse)
-    logp = torch.where(keep, zt - lse, zero)
+    zero = torch.zeros_like(log_s)
+    logp = torch.where(keep, (zt - shift[:, 0]) - log_s, zero)
     ent = None
     if with_ent:
         rebased = torch.where(s > 0, m - shift, torch.zeros_like(m)) * s
         u_tot = (scale * (u + rebased)).sum(1)
-        ent = torch.where(keep, torch.log(s_tot) - u_tot / s_tot, zero)
-    return logp, torch.where(keep, lse, zero), ent
+        ent = torch.where(keep, log_s - u_tot / s_tot, zero)
+    stats = torch.stack([torch.where(keep, shift[:, 0], zero), torch.where(keep, log_s, zero)], dim=1)
+    return logp, stats, ent
 
 
-def _backward(h, w, b, t, lse, ent, g_logp, g_ent, inv_t, ignore_index, need_dh, need_dw, need_db):
+def _backward(h, w, b, t, stats, ent, g_logp, g_ent, inv_t, ignore_index, need_dh, need_dw, need_db):
     N, D = h.shape
     V = w.shape[0]
     cfg = _config(h.device)
@@ -238,19 +239,19 @@ def _backward(h, w, b, t, lse, ent, g_logp, g_ent, inv_t, ignore_index, need_dh,
     f32 = dict(dtype=torch.float32, device=h.device)
     # fp32 accumulators whatever the input dtype: summing N/BLOCK_N bf16 partial products into a bf16 dW
     # loses the small per-token contributions (Liger's reported precision issue).
-    dh = torch.zeros((N, D), **f32) if need_dh else lse
-    dw = torch.zeros((V, D), **f32) if need_dw else lse
-    db = torch.zeros(V, **f32) if need_db else lse
+    dh = torch.zeros((N, D), **f32) if need_dh else stats  # unused pointers get any valid tensor
+    dw = torch.zeros((V, D), **f32) if need_dw else stats
+    db = torch.zeros(V, **f32) if need_db else stats
     _linear_logprobs_bwd[(n_blocks * v_blocks,)](
-        h, h.stride(0), w, w.stride(0), b if b is not None else w, t, lse,
-        ent if ent is not None else lse,
-        g_logp if g_logp is not None else lse,
-        g_ent if g_ent is not None else lse,
+        h, h.stride(0), w, w.stride(0), b if b is not None else w, t, stats,
+        ent if ent is not None else stats,
+        g_logp if g_logp is not None else stats,
+        g_ent if g_ent is not None else stats,
         dh, dw, db, N, V, D, inv_t, ignore_index, v_blocks,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None,
         WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
         NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-        PRECISION=_precision(h.dtype), UPCAST=_upcast(h.dtype), num_warps=cfg["num_warps"],
+        PRECISION=_precision(h.dtype), INTERP_BF16=_interp_bf16(h.dtype), num_warps=cfg["num_warps"],
     )  # fmt: skip
     return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
 
@@ -262,15 +263,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
         inv_t = 1.0 / temperature
-        logp, lse, ent = _forward(hidden, weight, bias, targets, inv_t, ignore_index, return_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        logp, stats, ent = _forward(hidden, weight, bias, targets, inv_t, ignore_index, return_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, ent)
         ctx.inv_t, ctx.ignore_index, ctx.with_ent = inv_t, ignore_index, return_entropy
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, stats, ent = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         g_ent = g_ent if ctx.with_ent else None
         if (g_logp is None and g_ent is None) or not (need_dh or need_dw or need_db):
@@ -280,7 +281,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         g_logp = None if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         dh, dw, db = _backward(
-            hidden, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index,
+            hidden, weight, bias, targets, stats, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index,
             need_dh, need_dw, need_db and bias is not None,
         )  # fmt: skip
         dh = None if dh is None else dh.to(hidden.dtype)

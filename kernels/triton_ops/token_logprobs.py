@@ -2,14 +2,14 @@
 
 For a row z = logits[n] / T (V entries) and target t = targets[n]:
 
-    lse      = log sum_j exp(z_j)                        (online: running max m, s = sum exp(z - m))
-    logp     = z_t - lse
+    lse      = log sum_j exp(z_j) = m + log s             (online: running max m, s = sum exp(z - m))
+    logp     = (z_t - m) - log s                            (not z_t - lse: keeps full precision at |z| ~ 1e4)
     H        = lse - sum_j p_j z_j = log s - u / s        with u = sum_j exp(z_j - m) (z_j - m), p = softmax(z)
     dlogp/dx_j = (onehot_j - p_j) / T
     dH/dx_j    = -p_j (log p_j + H) / T
 
 Shapes: logits (N, V) fp32/bf16/fp16 with unit last stride, targets (N,) int64 -> logp fp32 (N,), entropy fp32
-(N,) or None. Rows whose target equals ignore_index give 0 and get a zero gradient. Only lse and H (O(N)) are
+(N,) or None. Rows whose target equals ignore_index give 0 and get a zero gradient. Only (m, log s) and H (O(N)) are
 saved for the backward, which re-reads the logits once and writes a new gradient tensor in logits' dtype.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_ops._common import cast_out, interpreting
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -28,7 +30,7 @@ def _token_logprobs_fwd(
     stride_x,
     tgt_ptr,
     logp_ptr,
-    lse_ptr,
+    stats_ptr,
     ent_ptr,
     V,
     inv_t,
@@ -41,7 +43,8 @@ def _token_logprobs_fwd(
     tgt = tl.load(tgt_ptr + row)
     if tgt == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(stats_ptr + 2 * row, 0.0)
+        tl.store(stats_ptr + 2 * row + 1, 0.0)
         if WITH_ENT:
             tl.store(ent_ptr + row, 0.0)
         return
@@ -66,12 +69,15 @@ def _token_logprobs_fwd(
             u = alpha * (u + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * d, axis=0)
         s = s * alpha + s_blk
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     zt = tl.load(base + tgt).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, zt - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, (zt - m) - log_s)
+    # m and log s separately: exp((z - m) - log s) in the backward is exact where exp(z - lse) would lose
+    # |lse| * 2^-24 in the exponent (1e-3 relative error in p for logits near 1e4).
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
     if WITH_ENT:
-        tl.store(ent_ptr + row, tl.log(s) - u / s)
+        tl.store(ent_ptr + row, log_s - u / s)
 
 
 @triton.jit
@@ -81,7 +87,7 @@ def _token_logprobs_bwd(
     dx_ptr,
     stride_dx,
     tgt_ptr,
-    lse_ptr,
+    stats_ptr,
     ent_ptr,
     g_logp_ptr,
     g_ent_ptr,
@@ -91,6 +97,7 @@ def _token_logprobs_bwd(
     BLOCK_V: tl.constexpr,
     WITH_G_LOGP: tl.constexpr,
     WITH_G_ENT: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + row)
@@ -103,7 +110,8 @@ def _token_logprobs_bwd(
             idx = start + cols
             tl.store(dbase + idx, tl.zeros([BLOCK_V], dtype=tl.float32).to(dx_ptr.dtype.element_ty), mask=idx < V)
         return
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     g_logp = 0.0
     if WITH_G_LOGP:
         g_logp = tl.load(g_logp_ptr + row)
@@ -116,7 +124,7 @@ def _token_logprobs_bwd(
         idx = start + cols
         mask = idx < V
         z = tl.load(base + idx, mask=mask, other=-float("inf")).to(tl.float32) * inv_t
-        logp = z - lse
+        logp = (z - m) - log_s
         p = tl.exp(logp)
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if WITH_G_LOGP:
@@ -124,7 +132,7 @@ def _token_logprobs_bwd(
         if WITH_G_ENT:
             # p log p -> 0 where p == 0 (logits of -inf), instead of 0 * -inf = NaN.
             g -= g_ent * p * (tl.where(p > 0, logp, 0.0) + h)
-        tl.store(dbase + idx, (g * inv_t).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dbase + idx, cast_out(g * inv_t, dx_ptr.dtype.element_ty, BF16_BY_HAND), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -143,30 +151,31 @@ def _num_warps(block: int) -> int:
 def _forward(x: torch.Tensor, t: torch.Tensor, inv_t: float, ignore_index: int, with_ent: bool):
     N, V = x.shape
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
-    lse = torch.empty(N, dtype=torch.float32, device=x.device)
-    ent = torch.empty(N, dtype=torch.float32, device=x.device) if with_ent else lse  # dummy pointer if unused
+    stats = torch.empty((N, 2), dtype=torch.float32, device=x.device)  # (m, log s) per row
+    ent = torch.empty(N, dtype=torch.float32, device=x.device) if with_ent else logp  # dummy pointer if unused
     if N:
         block = _block_v(V)
         # 1-D grid over rows: grid x allows 2^31 - 1 programs, y/z only 65535.
         _token_logprobs_fwd[(N,)](
-            x, x.stride(0), t, logp, lse, ent, V, inv_t, ignore_index,
+            x, x.stride(0), t, logp, stats, ent, V, inv_t, ignore_index,
             BLOCK_V=block, WITH_ENT=with_ent, num_warps=_num_warps(block),
         )  # fmt: skip
-    return logp, lse, (ent if with_ent else None)
+    return logp, stats, (ent if with_ent else None)
 
 
-def _backward(x, t, lse, ent, g_logp, g_ent, inv_t: float, ignore_index: int) -> torch.Tensor:
+def _backward(x, t, stats, ent, g_logp, g_ent, inv_t: float, ignore_index: int) -> torch.Tensor:
     N, V = x.shape
     dx = torch.empty((N, V), dtype=x.dtype, device=x.device)  # a new tensor: never write into the inputs
     if N:
         block = _block_v(V)
         _token_logprobs_bwd[(N,)](
-            x, x.stride(0), dx, dx.stride(0), t, lse,
-            ent if ent is not None else lse,
-            g_logp if g_logp is not None else lse,
-            g_ent if g_ent is not None else lse,
+            x, x.stride(0), dx, dx.stride(0), t, stats,
+            ent if ent is not None else stats,
+            g_logp if g_logp is not None else stats,
+            g_ent if g_ent is not None else stats,
             V, inv_t, ignore_index,
             BLOCK_V=block, WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
+            BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
             num_warps=_num_warps(block),
         )  # fmt: skip
     return dx
@@ -179,8 +188,8 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
         inv_t = 1.0 / temperature
-        logp, lse, ent = _forward(logits, targets, inv_t, ignore_index, return_entropy)
-        ctx.save_for_backward(logits, targets, lse, ent if ent is not None else lse)
+        logp, stats, ent = _forward(logits, targets, inv_t, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, targets, stats, ent)
         ctx.inv_t, ctx.ignore_index, ctx.with_ent = inv_t, ignore_index, return_entropy
         # Unused outputs then arrive as None in backward, so no zero-gradient pass over V is launched for them.
         ctx.set_materialize_grads(False)
@@ -188,7 +197,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        logits, targets, lse, ent = ctx.saved_tensors
+        logits, targets, stats, ent = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         g_ent = g_ent if ctx.with_ent else None
@@ -196,7 +205,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         if g_logp is None and g_ent is None:
             return torch.zeros_like(logits), None, None, None, None
-        dx = _backward(logits, targets, lse, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index)
+        dx = _backward(logits, targets, stats, ent, g_logp, g_ent, ctx.inv_t, ctx.ignore_index)
         return dx, None, None, None, None
 
 
