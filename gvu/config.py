@@ -65,7 +65,7 @@ class DataConfig:
     prompts: str = "shapes"  # "shapes": the toy world's generated sets; or a GenEval-format .jsonl path
     eval_file: str = ""  # held-out GenEval-format .jsonl when prompts is a file ("" : no held-out evaluation)
     seed: int = 0
-    eval_prompts: int = 0  # 0: the whole held-out set; N: its first N prompts
+    eval_prompts: int = 0  # 0: the whole held-out set; N: N prompts spread evenly over it
 
 
 @dataclass

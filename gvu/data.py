@@ -40,8 +40,8 @@ def load_prompt_sets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             raise ConfigError(f"data.prompts={cfg.prompts!r}: file not found; give a GenEval-format .jsonl or 'shapes'")
         train = read_jsonl(path)
         evals = read_jsonl(resolve_path(cfg.eval_file)) if cfg.eval_file else []
-    if cfg.eval_prompts:
-        evals = evals[: cfg.eval_prompts]
+    if cfg.eval_prompts:  # an even spread over the set, so every tag stays represented
+        evals = evals[:: max(1, len(evals) // cfg.eval_prompts)][: cfg.eval_prompts]
     return train, evals
 
 

@@ -242,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from gvu import evaluate as gvu_eval
-
     rank, world = init_distributed()
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // world))
     random.seed(cfg.train.seed)
@@ -288,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         say("evaluating the base model ...")
         results["before"] = evaluate_all(adapter, engine.module, eval_metas, cfg, rank, world)
         write_samples(adapter, engine.module, eval_metas, cfg, run_dir / "samples_before.png", is_main)
-        say(gvu_eval.format_summary("base", results["before"]))
+        say(format_summary("base", results["before"]))
 
     # --- train
     timer = PhaseTimer()
@@ -337,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         summary = {"steps": steps_done, "minutes": (time.time() - t_start) / 60, **results}
         atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2))
+        if "after" in results:
+            print(format_summary("trained", results["after"]))
         if "before" in results and "after" in results:
-            print(gvu_eval.format_table(results["before"], results["after"]))
+            from gvu import evaluate as gvu_eval
+
+            print(gvu_eval.format_table(results["before"]["generation"], results["after"]["generation"]))
         b = results.get("before", {}).get("generation", {}).get("overall")
         a = results.get("after", {}).get("generation", {}).get("overall")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", b, a)
@@ -371,18 +373,67 @@ def phase_table(totals: dict[str, float], steps: int) -> str:
 
 
 def evaluate_all(adapter, model, metas, cfg: Config, rank: int, world: int) -> dict:
-    """Held-out generation score and understanding checks; each rank takes a shard and rank 0 merges."""
+    """Held-out generation scores and understanding checks. Ranks take interleaved shards (all ranks must run
+    the model under ZeRO-3) and every rank gets the merged result. Seeds are fixed, so before/after are paired."""
     from gvu import evaluate as gvu_eval
 
     shard = metas[rank::world]
-    res = gvu_eval.evaluate_shard(
-        adapter, model, shard, samples_per_prompt=cfg.train.eval_samples, sampling=cfg.sampling, seed=cfg.train.seed
+    gen = gvu_eval.generation_scores(
+        adapter, model, shard, cfg.train.eval_samples, cfg.sampling, seed=cfg.train.seed * 7919 + rank
     )
+    und = gvu_eval.understanding_scores(adapter, model, shard, seed=cfg.train.seed * 7919 + rank)
     if world > 1:
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, res)
-        res = gvu_eval.merge_shards(parts)
-    return gvu_eval.summarise(res)
+        torch.distributed.all_gather_object(parts, (gen, und))
+        gen = merge_generation([p[0] for p in parts], metas, cfg.train.eval_samples)
+        und = merge_understanding([p[1] for p in parts])
+    return {"generation": gen, "understanding": und}
+
+
+def merge_generation(parts: list[dict], metas: list[dict], samples: int) -> dict:
+    """Per-rank generation_scores of shards metas[r::world] -> one dict in the original prompt order."""
+    from gvu import evaluate as gvu_eval
+
+    world = len(parts)
+    per_prompt = [parts[i % world]["per_prompt"][i // world] for i in range(len(metas))]
+    mean, se, overall, overall_se = gvu_eval._tag_stats([m["tag"] for m in metas], per_prompt)
+    return {
+        "per_tag": mean,
+        "per_tag_stderr": se,
+        "overall": overall,
+        "stderr": overall_se,
+        "n": len(metas) * samples,
+        "n_prompts": len(metas),
+        "prompts": [m["prompt"] for m in metas],
+        "tags": [m["tag"] for m in metas],
+        "per_prompt": per_prompt,
+    }
+
+
+def merge_understanding(parts: list[dict]) -> dict:
+    """Weighted means of per-rank understanding_scores."""
+    n = sum(p["n_scenes"] for p in parts)
+    kinds = sorted({k for p in parts for k in p["ranking"]})
+    ranking, ranking_n = {}, {}
+    for k in kinds:
+        ranking_n[k] = sum(p["ranking_n"].get(k, 0) for p in parts)
+        ranking[k] = sum(p["ranking"].get(k, 0) * p["ranking_n"].get(k, 0) for p in parts) / max(ranking_n[k], 1)
+    return {
+        "caption_acc": sum(p["caption_acc"] * p["n_scenes"] for p in parts) / max(n, 1),
+        "ranking": ranking,
+        "ranking_n": ranking_n,
+        "n_scenes": n,
+        "examples": [e for p in parts for e in p["examples"]][:8],
+    }
+
+
+def format_summary(name: str, res: dict) -> str:
+    g, u = res["generation"], res["understanding"]
+    rank = ", ".join(f"{k} {v:.2f}" for k, v in u["ranking"].items())
+    return (
+        f"[{name}] generation overall {g['overall']:.3f} +- {g['stderr']:.3f} ({g['n']} images) | "
+        f"understanding: caption acc {u['caption_acc']:.3f}, true-vs-perturbed ranking: {rank}"
+    )
 
 
 def write_samples(adapter, model, metas, cfg: Config, path: Path, is_main: bool) -> None:

@@ -49,6 +49,25 @@ def gathered(*params: torch.Tensor):
         yield
 
 
+def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` (a parameter or a view of one), safe to keep for backward after its `gathered` block.
+
+    ZeRO-3 frees a gathered parameter's storage when the block exits, so autograd would find an empty tensor;
+    a frozen parameter is copied instead (a trainable one under ZeRO-3 would need its gradient routed back).
+    """
+    if t is None:
+        return None
+    base = t if t._base is None else t._base
+    if not hasattr(base, "ds_id"):
+        return t
+    if t.requires_grad:
+        raise NotImplementedError(
+            "a trainable output head under ZeRO-3 is not supported: keep the head frozen (LoRA on the body) or use "
+            "configs/ds_zero2.json"
+        )
+    return t.detach().clone()
+
+
 @contextlib.contextmanager
 def adapter_disabled(model: nn.Module):
     """Run the reference policy: the same network with its LoRA adapter switched off."""
