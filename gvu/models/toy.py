@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import kernels
 from gvu import shapes_world as W
-from gvu.models import backbone_and_head, gathered, unwrap
+from gvu.models import backbone_and_head, gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<boi>", "<eoi>", "<eor>", "<describe>")
@@ -327,7 +327,7 @@ class ToyUMM:
         h = self._image_hidden(model, p, targets, with_uncond=cfg)
         bias = head.bias[self.code_offset : self.code_offset + self.num_codes] if head.bias is not None else None
         with gathered(head.weight):
-            wc = self._code_rows(head)
+            wc = saveable(self._code_rows(head))  # kept for backward: must outlive the ZeRO-3 gather
             if not cfg:
                 lp = kernels.linear_token_logprobs(
                     h.reshape(-1, h.shape[-1]), wc, targets.reshape(-1), bias=bias, temperature=temperature
