@@ -1,0 +1,158 @@
+// Row-parallel drivers: OpenMP over rows, or over (row, span of V) when there are fewer rows than threads.
+#include "rows.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace gvu {
+namespace {
+
+// A V-span below this is not worth a task: ~16K fp32 logits take ~10 us, several times the fork/join cost.
+constexpr int64_t kMinSpan = 16384;
+
+int num_threads() { return omp_in_parallel() ? 1 : std::max(1, at::get_num_threads()); }
+
+size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+float load_one(const void* row, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::F32:
+      return static_cast<const float*>(row)[i];
+    case DType::BF16:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(row)[i]);
+    default:
+      return static_cast<float>(static_cast<const c10::Half*>(row)[i]);
+  }
+}
+
+void store_one(void* row, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::F32:
+      static_cast<float*>(row)[i] = v;
+      break;
+    case DType::BF16:
+      static_cast<c10::BFloat16*>(row)[i] = c10::BFloat16(v);
+      break;
+    default:
+      static_cast<c10::Half*>(row)[i] = c10::Half(v);
+  }
+}
+
+// Pieces per row: 1 when rows alone keep every thread busy (>= 4 rows each), else enough V-spans for ~4 tasks
+// per thread, each at least kMinSpan long.
+int64_t pieces_per_row(int64_t N, int64_t V, int nt) {
+  if (nt <= 1 || N >= 4 * nt) return 1;
+  const int64_t want = (4 * nt + N - 1) / N;
+  return std::max<int64_t>(1, std::min<int64_t>(want, V / kMinSpan));
+}
+
+const char* row_ptr(const void* base, DType dt, int64_t stride, int64_t r) {
+  return static_cast<const char*>(base) + static_cast<size_t>(r) * static_cast<size_t>(stride) * elem_size(dt);
+}
+
+}  // namespace
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kBFloat16:
+      return DType::BF16;
+    case at::kHalf:
+      return DType::F16;
+    default:
+      TORCH_CHECK(false, "gvu_kernels: expected fp32, bf16 or fp16, got ", t.scalar_type());
+  }
+}
+
+void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index) {
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t t = tgt[r];
+    TORCH_CHECK(t == ignore_index || (t >= 0 && t < V), "gvu_kernels: target ", t, " at row ", r,
+                " is outside [0, ", V, ") and is not ignore_index=", ignore_index);
+  }
+}
+
+void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent) {
+  if (N <= 0) return;
+  const int nt = num_threads();
+  const int64_t P = pieces_per_row(N, V, nt);
+  const int64_t span = (V + P - 1) / P;
+  const bool want_t = ent != nullptr;
+  const size_t es = elem_size(dt);
+  std::vector<SpanStats> part(static_cast<size_t>(N * P),
+                              SpanStats{-std::numeric_limits<float>::infinity(), 0.0, 0.0});
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t k = 0; k < N * P; ++k) {
+    const int64_t r = k / P, j = k % P;
+    if (tgt[r] == ignore_index) continue;
+    const int64_t lo = j * span, hi = std::min(V, lo + span);
+    if (lo >= hi) continue;
+    part[k] = span_stats(row_ptr(x, dt, row_stride, r) + lo * es, dt, hi - lo, inv_t, want_t);
+  }
+#pragma omp parallel for num_threads(N >= 1024 ? nt : 1) schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    if (tgt[r] == ignore_index) {
+      logp[r] = 0.0f;
+      lse[r] = 0.0f;
+      if (want_t) ent[r] = 0.0f;
+      continue;
+    }
+    SpanStats st = part[r * P];
+    for (int64_t j = 1; j < P; ++j) merge_stats(st, part[r * P + j]);
+    const double log_s = std::log(st.s);
+    const double l = static_cast<double>(st.m) + log_s;
+    const float zt = load_one(row_ptr(x, dt, row_stride, r), dt, tgt[r]) * inv_t;
+    lse[r] = static_cast<float>(l);
+    logp[r] = static_cast<float>(static_cast<double>(zt) - l);
+    if (want_t) ent[r] = static_cast<float>(log_s - st.t / st.s);
+  }
+}
+
+void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
+                   int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* lse, const float* ent) {
+  if (N <= 0) return;
+  const int nt = num_threads();
+  const int64_t P = pieces_per_row(N, V, nt);
+  const int64_t span = (V + P - 1) / P;
+  const size_t es = elem_size(dt), oes = elem_size(out_dt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t k = 0; k < N * P; ++k) {
+    const int64_t r = k / P, j = k % P;
+    const int64_t lo = j * span, hi = std::min(V, lo + span);
+    if (lo >= hi) continue;
+    char* orow = static_cast<char*>(out) + static_cast<size_t>(r) * static_cast<size_t>(out_stride) * oes;
+    const int64_t t = tgt[r];
+    if (t == ignore_index) {
+      std::memset(orow + lo * oes, 0, static_cast<size_t>(hi - lo) * oes);
+      continue;
+    }
+    const float gl = g_logp ? g_logp[r] : 0.0f;
+    const float c0 = (g_lse ? g_lse[r] : 0.0f) - gl;
+    const float c1 = g_ent ? g_ent[r] : 0.0f;
+    const float h = g_ent ? ent[r] : 0.0f;
+    const char* xrow = row_ptr(x, dt, row_stride, r);
+    // Read the target logit before the span is overwritten (in place when out aliases x).
+    const float zt = (t >= lo && t < hi) ? load_one(xrow, dt, t) * inv_t : 0.0f;
+    span_grad(xrow + lo * es, dt, orow + lo * oes, out_dt, hi - lo, inv_t, lse[r], c0, c1, h);
+    if (t >= lo && t < hi) {
+      // The one-hot term, computed once in fp32 so a bf16/fp16 output is rounded once.
+      const double d = static_cast<double>(zt) - lse[r];
+      const double p = std::exp(d);
+      const double g = p * (c0 - c1 * (d + h)) + gl;
+      store_one(orow, out_dt, t, static_cast<float>(g * inv_t));
+    }
+  }
+}
+
+}  // namespace gvu

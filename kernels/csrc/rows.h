@@ -1,0 +1,30 @@
+// Row-parallel drivers over a matrix of logits, shared by token_logprobs and linear_token_logprobs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "row_kernels.h"
+
+namespace gvu {
+
+DType dtype_of(const at::Tensor& t);  // fp32 / bf16 / fp16, else an error naming the dtype
+
+// Forward over N rows of V logits (row r starts at x + r * row_stride elements, unit column stride):
+// logp[r] = z_t - lse, lse[r] = logsumexp(z), ent[r] = entropy (if ent != nullptr), z = x * inv_t.
+// Rows whose target equals ignore_index get 0 everywhere. Threads split rows, or (row, V-span) pairs
+// when N is small, so one long row still uses every core.
+void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent);
+
+// Backward: out[r, :] = inv_t * (g_logp (onehot - p) + g_lse p - g_ent p (log p + H)), zero on ignored rows.
+// g_* may be nullptr (no gradient from that output). out may alias x when out_dt == dt (in place).
+void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
+                   int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* lse, const float* ent);
+
+// Throws (from the calling thread) if a non-ignored target lies outside [0, V).
+void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index);
+
+}  // namespace gvu
