@@ -109,7 +109,7 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake(lib + "token_logprobs_backward")
     def _(grad_logp, grad_lse, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
-        return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+        return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "linear_token_logprobs")
     def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
