@@ -86,6 +86,8 @@ def load_umm(cfg):
     """(adapter, transformers model) for a `ModelConfig`: the backend named by cfg.backend, weights from cfg.path."""
     from gvu.config import ConfigError, resolve_path
 
+    if cfg.backend == "janus":
+        return _load_janus(cfg)
     path = resolve_path(cfg.path)
     if not path.exists():
         raise ConfigError(f"model.path={cfg.path!r}: no such folder (looked in the cwd and the repo)")
@@ -96,3 +98,51 @@ def load_umm(cfg):
         adapter, model = ToyUMM.from_pretrained(path)
         return adapter, model.to(dtype)
     raise ConfigError(f"model.backend={cfg.backend!r} is not available yet; use 'toy'")
+
+
+def attn_implementation(requested: str) -> str:
+    """`requested`, except flash_attention_2 without flash-attn installed falls back to sdpa (with a warning)."""
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            import warnings
+
+            warnings.warn(
+                "model.attn_implementation=flash_attention_2 but flash-attn is not installed; using sdpa", stacklevel=3
+            )
+            return "sdpa"
+    return requested
+
+
+def _load_janus(cfg):
+    """Janus-Pro from a local folder, or a hub id resolved in the local hub cache only (no download)."""
+    from gvu.config import ConfigError, resolve_path
+    from gvu.models.janus import INSTRUCTION, JanusUMM
+
+    path = resolve_path(cfg.path)
+    if not path.exists():
+        if cfg.path.count("/") != 1 or cfg.path.startswith((".", "/", "~")):
+            raise ConfigError(
+                f"model.path={cfg.path!r}: no such folder, and not a hub id like deepseek-community/Janus-Pro-1B"
+            )
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = snapshot_download(cfg.path, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise ConfigError(
+                f"model.path={cfg.path!r} is not in the local hub cache; download it first "
+                f"(`hf download {cfg.path}`) or set model.path to a local folder"
+            ) from None
+    try:
+        return JanusUMM.from_pretrained(
+            str(path),
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=attn_implementation(cfg.attn_implementation),
+            max_rows=getattr(cfg, "max_rows", 0),
+            instruction=getattr(cfg, "instruction", INSTRUCTION),
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.path={cfg.path!r}: {e}") from None

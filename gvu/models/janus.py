@@ -1,0 +1,513 @@
+"""Janus-Pro (transformers.JanusForConditionalGeneration) behind the UMM interface of gvu/models/toy.py.
+
+Sequence layouts (Janus-Pro's "deepseek" chat format; the tokenizer adds nothing, the adapter writes bos):
+    generation     [bos] "<|User|>: {prompt}\\n\\n<|Assistant|>:" [boi] img_1 ... img_L          (L = 576)
+    unconditional  the same row with every token except [bos] and [boi] replaced by [pad], same attention mask
+                   (Janus's CFG branch; padded positions stay attended, as in Janus and HF generate)
+    understanding  [bos] "<|User|>: " [boi] [image_placeholder] x 576 [eoi] "\\n{instruction}\\n\\n<|Assistant|>:"
+                   " {prompt}"            (the prompt is the assistant's answer; only its tokens are scored)
+Image tokens handed to and from the trainer are VQ codebook ids (N, L) in raster order. Generated tokens enter
+the language model through the generation embeddings + aligner; the generation head (Linear -> GELU -> Linear
+over the K = 16384 codes) predicts them. Understanding reads pixels: VQ decoder -> uint8 -> resize / pad /
+normalise as JanusImageProcessor does (in torch, batched) -> SigLIP + aligner at the placeholder positions.
+
+Which distribution `image_logprobs` scores (`cfg_scale`, from the trainer's grpo.logprob_mode):
+- "rollout" (default): the CFG-combined distribution softmax((z_u + s (z_c - z_u)) / T) that rollout sampled
+  from (Janus-Pro-R1). The GRPO ratio pi_theta / pi_old and the k3 KL are then ratios of the policy that
+  actually produced the samples, so the single-update ratio is exactly 1 at the rollout parameters and the
+  surrogate's gradient is the on-policy (unbiased) policy gradient of E[R] under the sampling distribution.
+- "conditional" (cfg_scale=1, T2I-R1, ULM-R1): log p(code | prompt) of the conditional branch only. It is a
+  different distribution from the one sampled at CFG > 1, so the ratio is off-policy by construction and the
+  gradient is biased (the samples are not draws from the scored policy); offered for comparison.
+The CFG logits are linear in the head's last features a = GELU(proj_out(h)): z_u + s (z_c - z_u)
+= W (a_u + s (a_c - a_u)) + b, so the combination is formed on the (N*L, 2048) features in fp32 and the K
+code logits are never materialised: kernels.linear_token_logprobs runs on the head's last Linear.
+
+Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine).
+`max_rows` caps the rows (conditional + unconditional) of one forward in rollout and scoring (0: all at once).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+from gvu.models import gathered, saveable, unwrap
+from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+
+INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+# Janus-Pro's JanusImageProcessor settings (preprocessor_config.json overrides them when present)
+IMAGE_PROCESSING = {"size": 384, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255}
+LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised prompts. ids/mask: the prompt's own tokens (as the assistant's answer), left-padded (B, Lp),
+    the reward's targets; gen_ids/gen_mask: the whole generation prefix [bos] ... [boi], left-padded (B, Pg)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+    gen_ids: torch.Tensor
+    gen_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def _rows(self, fn) -> PromptBatch:
+        return PromptBatch(fn(self.ids), fn(self.mask), self.texts, fn(self.gen_ids), fn(self.gen_mask))
+
+    def repeat_interleave(self, g: int) -> PromptBatch:
+        """Each prompt g times in a row: row b*g+i is prompt b."""
+        out = self._rows(lambda t: t.repeat_interleave(g, 0))
+        out.texts = [t for t in self.texts for _ in range(g)]
+        return out
+
+    def to(self, device) -> PromptBatch:
+        return self._rows(lambda t: t.to(device))
+
+    def __getitem__(self, idx) -> PromptBatch:
+        """Rows `idx` (slice or index list), keeping the batch's left padding."""
+        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
+        out = self._rows(lambda t: t[rows])
+        out.texts = [self.texts[i] for i in rows]
+        return out
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r) :] = torch.tensor(r)
+            mask[i, L - len(r) :] = True
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class JanusUMM:
+    """Layout of a Janus-Pro UMM (tokenizer, chat format, image processing, a frozen VQ decoder); no LM weights."""
+
+    user, assistant = "<|User|>:", "\n\n<|Assistant|>:"
+
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        vq: torch.nn.Module,
+        generation_config=None,
+        image_processing: dict | None = None,
+        instruction: str = INSTRUCTION,
+        system_prompt: str = "",
+        max_rows: int = 0,
+    ):
+        self.tokenizer, self.config, self.instruction, self.system_prompt = (
+            tokenizer,
+            config,
+            instruction,
+            system_prompt,
+        )
+        self.max_rows = max_rows
+        # a private copy of the VQ model: `decode` takes no model, and under ZeRO-3 the engine's copy is partitioned
+        self.vq = vq.eval().requires_grad_(False)
+        ip = {**IMAGE_PROCESSING, **(image_processing or {})}
+        size = ip["size"]
+        self.image_size = int(size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size)
+        self.mean, self.std = torch.tensor(ip["image_mean"]), torch.tensor(ip["image_std"])
+        self.rescale = float(ip["rescale_factor"])
+        self.background = [int(m * 255) for m in ip["image_mean"]]  # JanusImageProcessor's pad colour
+        self.image_processing = ip
+
+        def tid(tok: str) -> int:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if i is None or i == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the tokenizer has no {tok!r} token: not a Janus-Pro tokenizer (see README, Janus-Pro)"
+                )
+            return i
+
+        gk = getattr(generation_config, "generation_kwargs", None) or {}
+        # the ids HF generate uses (generation_config), else the tokenizer's
+        self.bos = getattr(generation_config, "bos_token_id", None) or tokenizer.bos_token_id
+        self.pad = getattr(generation_config, "pad_token_id", None)
+        self.pad = self.pad if self.pad is not None else tid(PAD)
+        self.boi = gk.get("boi_token_id", None) or tid(BOI)
+        self.eoi, self.image_token = tid(EOI), config.image_token_id
+        v, q = config.vision_config, config.vq_config
+        self.image_len = q.num_patches**2  # codes per generated image
+        self.num_codes = q.num_embeddings
+        self.und_len = (v.image_size // v.patch_size) ** 2  # placeholder tokens per understood image
+        if v.num_image_tokens != self.image_len:
+            raise ValueError(
+                f"vision_config.num_image_tokens={v.num_image_tokens} but the VQ grid has {self.image_len} codes "
+                f"(num_patches={q.num_patches}); fix config.json so HF generate and the VQ decoder agree"
+            )
+        self._und_head = [self.bos] + self._tok(f"{system_prompt}{self.user} ") + [self.boi]
+        self._und_tail_text = f"\n{instruction}{self.assistant}"
+        self._und_tail = [self.eoi] + self._tok(self._und_tail_text)
+
+    # ---------------------------------------------------------------------------------------- building
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa", **kw):
+        """(adapter, JanusForConditionalGeneration) from an HF-format Janus-Pro folder (config.json with
+        model_type "janus", weights, tokenizer files, optional preprocessor_config.json)."""
+        from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path} missing: {path} is not a Janus checkpoint folder")
+        model_type = json.loads(open(cfg_path).read()).get("model_type")
+        if model_type != "janus":
+            raise ValueError(
+                f"{path}: model_type={model_type!r}, not 'janus'. The original deepseek-ai/Janus-Pro-* repos use "
+                "remote code; use the transformers conversions deepseek-community/Janus-Pro-1B / -7B"
+            )
+        model = JanusForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        ip_path = os.path.join(path, "preprocessor_config.json")
+        ip = json.loads(open(ip_path).read()) if os.path.exists(ip_path) else None
+        ip = {k: ip[k] for k in IMAGE_PROCESSING if k in ip} if ip else None
+        vq = copy.deepcopy(model.model.vqmodel)
+        return cls(tok, model.config, vq, model.generation_config, ip, **kw), model
+
+    def save_pretrained(self, path: str, model) -> None:
+        """Model (HF format), tokenizer and preprocessor_config.json into `path`."""
+        os.makedirs(path, exist_ok=True)
+        unwrap(model).save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        ip = {"image_processor_type": "JanusImageProcessor", **self.image_processing}
+        ip["size"] = {"height": self.image_size, "width": self.image_size}
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(ip, f, indent=1)
+
+    def lora_targets(self, names: list[str]) -> str:
+        """peft target_modules regex: `names` inside the language model only (not SigLIP's q/k/v, not the VQ)."""
+        return r".*language_model\.layers\.\d+\..*\.(" + "|".join(map(str, names)) + r")"
+
+    # -------------------------------------------------------------------------------------- text, pixels
+
+    def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
+        """Prompts -> PromptBatch: answer tokens (B, Lp) and generation prefixes (B, Pg), both left-padded."""
+        tail = self._tok(self._und_tail_text)
+        answers, prefixes = [], []
+        for t in texts:
+            t = " ".join(t.split())
+            if not t:
+                raise ValueError("empty prompt: every prompt needs at least one token")
+            # the answer as tokenised after the understanding tail, so its tokens are the ones the reward scores
+            full = self._tok(self._und_tail_text + " " + t)
+            answers.append(full[len(tail) :] if full[: len(tail)] == tail else self._tok(" " + t))
+            prefixes.append([self.bos] + self._tok(f"{self.user} {t}{self.assistant}") + [self.boi])
+        ids, mask = _left_pad(answers, self.pad)
+        gen_ids, gen_mask = _left_pad(prefixes, self.pad)
+        batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
+        return batch.to(device) if device is not None else batch
+
+    def _chunk(self, n: int, cfg: bool) -> int:
+        """Rows per forward so that conditional (+ unconditional) rows stay within max_rows."""
+        if not self.max_rows:
+            return max(n, 1)
+        return max(1, self.max_rows // (2 if cfg else 1))
+
+    @torch.no_grad()
+    def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
+        """Codes (N, L) -> uint8 pixels (N, H, W, 3) through the VQ decoder (HF postprocess: truncating cast)."""
+        tokens = torch.as_tensor(image_tokens).long()
+        self.vq.to(tokens.device)
+        out = []
+        for s in range(0, tokens.shape[0], self._chunk(tokens.shape[0], False)):
+            x = self.vq.decode(tokens[s : s + self._chunk(tokens.shape[0], False)]).float()  # (n, 3, H, W) in [-1, 1]
+            x = (x * self.std.to(x.device)[:, None, None] + self.mean.to(x.device)[:, None, None]) * 255
+            out.append(x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def encode(self, pixels) -> torch.Tensor:
+        """uint8 pixels (N, H, W, 3) at the VQ resolution -> codes int64 (N, L) (the VQ encoder; not exact)."""
+        p = torch.as_tensor(np.asarray(pixels) if not torch.is_tensor(pixels) else pixels)
+        dev = next(self.vq.parameters()).device
+        x = p.to(dev).permute(0, 3, 1, 2).float() * self.rescale
+        x = (x - self.mean.to(dev)[:, None, None]) / self.std.to(dev)[:, None, None]
+        out = self.vq.encode(x.to(next(self.vq.parameters()).dtype))
+        return out.image_tokens.view(p.shape[0], -1)
+
+    def pixel_values(self, images, device, dtype) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> SigLIP input (N, 3, S, S): JanusImageProcessor's resize (longest side to S,
+        bicubic, antialiased), pad to square with the mean colour, rescale, normalise; batched in torch."""
+        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).to(device)
+        x = x.permute(0, 3, 1, 2).float()
+        S = self.image_size
+        h, w = x.shape[-2:]
+        if max(h, w) != S:
+            d = S / max(h, w)
+            x = F.interpolate(x, size=(max(round(h * d), 14), max(round(w * d), 14)), mode="bicubic", antialias=True)
+            x = x.round().clamp(0, 255)  # the processor resizes uint8 images and stays uint8
+            h, w = x.shape[-2:]
+        if h != w:
+            m = max(h, w)
+            sq = torch.tensor(self.background, dtype=x.dtype, device=device)[None, :, None, None].expand(-1, -1, m, m)
+            sq = sq.repeat(x.shape[0], 1, 1, 1)
+            top, left = (m - h) // 2, (m - w) // 2
+            sq[:, :, top : top + h, left : left + w] = x
+            x = sq
+        x = x * self.rescale
+        x = (x - self.mean.to(device)[:, None, None]) / self.std.to(device)[:, None, None]
+        return x.to(dtype)
+
+    # ---------------------------------------------------------------------------------------- sequences
+
+    def _cfg_rows(self, ids: torch.Tensor, mask: torch.Tensor, cfg: bool):
+        """Generation prefixes (n, P) -> (n or 2n, P) ids and long mask; unconditional rows after conditional."""
+        mask = mask.long()
+        if not cfg:
+            return ids, mask
+        keep = (ids == self.bos) | (ids == self.boi)
+        return torch.cat([ids, torch.where(keep, ids, torch.full_like(ids, self.pad))]), torch.cat([mask, mask])
+
+    @staticmethod
+    def _parts(model):
+        """(JanusForConditionalGeneration, its language model body) through any wrappers."""
+        lm = unwrap(model)
+        return lm, lm.model.language_model
+
+    # --------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
+        """Sample `num_samples` images per prompt -> codes int64 (B*G, L); row b*G+g is sample g of prompt b.
+
+        KV-cache loop over chunks of at most max_rows rows: prefill the left-padded prefixes (conditional rows,
+        then with cfg_scale > 1 the unconditional ones), then one forward per code fed through the generation
+        embeddings. Logits come from the generation head, CFG-combined, then temperature / top-k / top-p / min-p.
+        With greedy sampling this reproduces JanusForConditionalGeneration.generate(generation_mode="image").
+        """
+        p = prompts.repeat_interleave(num_samples)
+        n = len(p)
+        cfg = sampling.cfg_scale > 1
+        out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
+        step = self._chunk(n, cfg)
+        for s in range(0, n, step):
+            out[s : s + step] = self._generate_rows(
+                model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], sampling, generator
+            )
+        return out
+
+    def _generate_rows(self, model, gen_ids, gen_mask, sampling: SamplingConfig, generator):
+        from transformers import DynamicCache
+
+        lm, body = self._parts(model)
+        head = lm.model.generation_head
+        n, cfg = gen_ids.shape[0], sampling.cfg_scale > 1
+        ids, mask = self._cfg_rows(gen_ids, gen_mask, cfg)
+        pos = _positions(mask)
+        cache = DynamicCache()
+        emb = lm.get_input_embeddings()(ids)
+        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        h = h.last_hidden_state[:, -1]
+        next_pos = pos[:, -1:] + 1
+        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
+        for t in range(self.image_len):
+            logits = head(h).float()
+            if cfg:
+                logits = cfg_combine(logits[:n], logits[n:], sampling.cfg_scale)
+            tok = sample_next(logits, sampling, generator)
+            out[:, t] = tok
+            if t == self.image_len - 1:
+                break
+            feed = torch.cat([tok, tok]) if cfg else tok
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            emb = lm.prepare_embeddings_for_image_generation(feed[:, None])
+            h = body(
+                inputs_embeds=emb, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+            )
+            h = h.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+        return out
+
+    def image_logprobs(
+        self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0
+    ):
+        """log p(code_t | prompt, codes_<t) -> fp32 (B*G, L) with grad, at `temperature`; cfg_scale > 1 scores the
+        CFG-combined distribution rollout sampled from, cfg_scale = 1 the conditional branch (module docstring).
+
+        prompts: B rows; image_tokens: (B*G, L) codes, G consecutive samples per prompt. One teacher-forced pass
+        per chunk of max_rows rows; the generation head's last Linear goes to kernels.linear_token_logprobs.
+        """
+        n = image_tokens.shape[0]
+        if n % len(prompts):
+            raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
+        p = prompts.repeat_interleave(n // len(prompts))
+        targets = image_tokens.long()
+        step = self._chunk(n, cfg_scale > 1)
+        parts = [
+            self._image_logprobs_rows(
+                model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], targets[s : s + step], temperature, cfg_scale
+            )
+            for s in range(0, n, step)
+        ]
+        return torch.cat(parts)
+
+    def _image_logprobs_rows(self, model, gen_ids, gen_mask, targets, temperature, cfg_scale):
+        lm, body = self._parts(model)
+        head = lm.model.generation_head
+        n, cfg = targets.shape[0], cfg_scale > 1
+        ids, mask = self._cfg_rows(gen_ids, gen_mask, cfg)
+        codes = torch.cat([targets, targets]) if cfg else targets
+        P = ids.shape[1]
+        # the last code is only predicted, never fed: L-1 code inputs give the L states that predict the codes
+        emb = torch.cat([lm.get_input_embeddings()(ids), lm.prepare_embeddings_for_image_generation(codes[:, :-1])], 1)
+        mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
+        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state[:, P - 1 :]
+        a = head.activation_fn(head.proj_out(h))  # (m, L, F): the features the head's last Linear reads
+        if cfg:  # CFG on logits == CFG on these features (the last layer is affine); fp32 against cancellation
+            a = cfg_combine(a[:n].float(), a[n:].float(), cfg_scale)
+        out = head.vision_head
+        with gathered(out.weight, out.bias):
+            w, b = saveable(out.weight), saveable(out.bias)  # kept for backward: must outlive the ZeRO-3 gather
+            lp = kernels.linear_token_logprobs(
+                a.to(w.dtype).reshape(-1, a.shape[-1]), w, targets.reshape(-1), bias=b, temperature=temperature
+            )
+        return lp.view(n, self.image_len)
+
+    # ------------------------------------------------------------------------------------ understanding
+
+    def prompt_logprobs(self, model, images, prompts: PromptBatch):
+        """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)), aligned with
+        prompts.ids (left-padded); padded entries are 0.
+
+        images: uint8 (N, H, W, 3) pixels. ONE teacher-forced pass per chunk of max_rows right-padded understanding
+        sequences (a row's values do not depend on its batch); the lm_head runs only at the states that predict
+        prompt tokens, through kernels.linear_token_logprobs. The final <eos> is not scored (geometric mean over the
+        prompt's own tokens, as the official GvU reward).
+        """
+        n = len(prompts)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images but {n} prompts; pass one prompt per image")
+        logp = torch.zeros(prompts.ids.shape, dtype=torch.float32, device=prompts.ids.device)
+        step = self._chunk(n, False)
+        for s in range(0, n, step):
+            logp[s : s + step] = self._prompt_logprobs_rows(model, images[s : s + step], prompts[s : s + step])
+        return logp, prompts.mask.clone()
+
+    def _prompt_logprobs_rows(self, model, images, prompts: PromptBatch) -> torch.Tensor:
+        lm, body = self._parts(model)
+        dev = prompts.ids.device
+        embed = lm.get_input_embeddings()
+        n, Lp = prompts.ids.shape
+        head = torch.tensor(self._und_head, device=dev).expand(n, -1)
+        tail = torch.tensor(self._und_tail, device=dev)
+        lens = prompts.mask.sum(1)
+        # column j of the left-padded answer sits at T + j - pads in the right-padded text after the image
+        T = tail.numel()
+        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
+        post = torch.full((n, T + Lp), self.pad, dtype=torch.long, device=dev)
+        post[:, :T] = tail
+        rows, cols = prompts.mask.nonzero(as_tuple=True)
+        post[rows, T + col[rows, cols]] = prompts.ids[rows, cols]
+        pix = self.pixel_values(images, dev, embed.weight.dtype)
+        feats = lm.model.get_image_features(pixel_values=pix).pooler_output  # (n, und_len, D)
+        emb = torch.cat([embed(head), feats.to(embed.weight.dtype), embed(post)], 1)
+        h = body(inputs_embeds=emb).last_hidden_state  # right padding: causal attention never sees the pads
+        start = head.shape[1] + self.und_len + T  # index of the first answer token
+        hs = h[rows, start - 1 + col[rows, cols]]
+        out = lm.get_output_embeddings()
+        with gathered(out.weight):
+            lp = kernels.linear_token_logprobs(hs, out.weight, prompts.ids[rows, cols], bias=out.bias)
+        logp = torch.zeros((n, Lp), dtype=torch.float32, device=dev)
+        logp[rows, cols] = lp.float()
+        return logp
+
+
+# ------------------------------------------------------------------------------------------- tiny models
+
+
+def tiny_tokenizer(words: list[str]):
+    """An offline PreTrainedTokenizerFast (WordLevel over `words` and the chat-format pieces) with Janus's
+    special tokens, for tests and benchmarks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    corpus = f"{JanusUMM.user} {JanusUMM.assistant} {INSTRUCTION} " + " ".join(words)
+    pieces = dict.fromkeys(["<unk>"] + [w for w, _ in pre.pre_tokenize_str(corpus)])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token="<unk>", padding_side="left"
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE, BOI, EOI]})
+    return fast
+
+
+def tiny_config(vocab_size: int, image_token_id: int, **text_overrides):
+    """A tiny random JanusConfig: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px (16 patches), a 4-level VQ
+    (32 channels, 64 codes) decoding a 4x4 grid to 32 px."""
+    from transformers import JanusConfig, LlamaConfig
+
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **text_overrides,
+    )
+    vision = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=64, num_image_tokens=16, mlp_ratio=2.0,
+    )  # fmt: skip
+    vq = dict(
+        embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=2,
+    )  # fmt: skip
+    cfg = JanusConfig(
+        text_config=text.to_dict(),
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=image_token_id,
+        tie_word_embeddings=False,
+    )
+    return cfg
+
+
+def make_tiny_checkpoint(path: str, words: list[str], seed: int = 0) -> str:
+    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`."""
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    tok = tiny_tokenizer(words)
+    cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(IMAGE))
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI)},
+    )
+    adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": 32})
+    adapter.save_pretrained(path, model)
+    return path
