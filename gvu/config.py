@@ -33,6 +33,8 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when flash-attn is installed)
     gradient_checkpointing: bool = False
+    max_rows: int = 0  # janus: rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once
+    instruction: str = "Describe the image in detail."  # janus: the user text of the reward's understanding turn
 
     def __post_init__(self):
         if self.backend not in ("toy", "janus"):

@@ -117,7 +117,12 @@ def build_model(cfg: Config):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        # an adapter may narrow the names to its language model (Janus: not SigLIP's q/k/v_proj, not the VQ)
+        target_modules=(
+            adapter.lora_targets(list(cfg.lora.target_modules))
+            if hasattr(adapter, "lora_targets")
+            else list(cfg.lora.target_modules)
+        ),
         bias="none",
     )
     try:
