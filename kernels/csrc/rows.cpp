@@ -18,7 +18,15 @@ namespace {
 // A V-span below this is not worth a task: ~16K fp32 logits take ~10 us, several times the fork/join cost.
 constexpr int64_t kMinSpan = 16384;
 
-int num_threads() { return omp_in_parallel() ? 1 : std::max(1, at::get_num_threads()); }
+// Below ~32K logits per thread a fork/join costs more than it saves, and on a shared machine a descheduled
+// worker stalls the barrier for a whole time slice (tiny calls took ~12 ms instead of ~20 us under load).
+constexpr int64_t kMinWorkPerThread = 32768;
+
+int num_threads(int64_t work) {
+  if (omp_in_parallel()) return 1;
+  const int64_t cap = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), cap));
+}
 
 size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
@@ -84,7 +92,7 @@ void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_inde
 void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
                   int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent) {
   if (N <= 0) return;
-  const int nt = num_threads();
+  const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
   const int64_t span = (V + P - 1) / P;
   const bool want_t = ent != nullptr;
@@ -122,7 +130,7 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
                    const float* g_lse, const float* g_ent, const float* lse, const float* ent) {
   if (N <= 0) return;
-  const int nt = num_threads();
+  const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
   const int64_t span = (V + P - 1) / P;
   const size_t es = elem_size(dt), oes = elem_size(out_dt);

@@ -1,0 +1,208 @@
+"""Shared benchmark helpers: machine info, timing (warmup + median), CSV rows, tables, the toy UMM to measure.
+
+Every bench row carries `machine_info()` (CPU, cores, versions, git sha, timestamp, load average) so results from
+different machines and commits can sit in one CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ first on the path, not the repo
+    sys.path.insert(0, str(REPO))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_average() -> str:
+    """1/5/15-minute load average: other engineers' jobs share the cores, so every row records it."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch threads, torch / transformers versions, git sha, UTC timestamp, load average."""
+    import torch
+
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = "n/a"
+    return {
+        "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "loadavg": load_average(),
+    }
+
+
+def time_fn(fn, warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall seconds of `fn()` over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Median seconds per named callable, running them round-robin (A B C A B C ...) so that load from other
+    jobs on the shared cores hits baseline and ours alike, instead of whichever ran during a busy spell."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def append_csv(name: str, rows: list[dict], path: Path | None = None) -> Path:
+    """Append rows to bench/results/<name>.csv (header written once; new columns widen the header)."""
+    path = Path(path) if path is not None else RESULTS / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if any(k not in old_fields for k in fields):  # rewrite with the wider header, keeping old rows
+                old = list(reader)
+                fields = old_fields + [k for k in fields if k not in old_fields]
+            else:
+                fields = old_fields
+    mode = "w" if old or not path.exists() else "a"
+    with path.open(mode, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        if mode == "w":
+            w.writeheader()
+            w.writerows(old)
+        w.writerows(rows)
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """Fixed-width text table of `cols` from `rows` (floats to 4 significant digits)."""
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def toy_checkpoint() -> str | None:
+    """The shipped toy UMM checkpoint folder if present, else None (benches then use a random model: same cost)."""
+    path = REPO / "gvu" / "assets" / "toy_umm"
+    return str(path) if (path / "tokenizer.json").exists() else None
+
+
+def load_toy(seed: int = 0, **overrides):
+    """(adapter, eval-mode model, source label): the shipped checkpoint, or ToyUMM.new_model(seed)."""
+    from gvu.models.toy import ToyUMM
+
+    ckpt = toy_checkpoint()
+    if ckpt is not None and not overrides:
+        adapter, model = ToyUMM.from_pretrained(ckpt)
+        src = "gvu/assets/toy_umm"
+    else:
+        adapter, model = ToyUMM.new_model(seed=seed, **overrides)
+        src = f"random(seed={seed})"
+    model.eval()
+    return adapter, model, src
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 if unknown): lets a bench skip cases that would not fit next to others."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_delta(fn) -> int:
+    """Bytes the resident set grew to (its peak, not its final level) above where it stood before `fn()`.
+
+    Resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs first. Blocks freed earlier but kept
+    by the C allocator can be reused without growing the RSS, so run each measured case in a fresh process.
+    """
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) * 1024
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+    """STREAM-like GB/s on all torch threads: `read` (sum of an fp32 tensor), `copy` (read + write, y.copy_(x))."""
+    import torch
+
+    n = int(gib * 2**30) // 4
+    x = torch.ones(n)
+    y = torch.empty_like(x)
+    t_read = time_fn(lambda: x.sum(), warmup=1, repeats=repeats)
+    t_copy = time_fn(lambda: y.copy_(x), warmup=1, repeats=repeats)
+    return {"read_gbps": 4 * n / t_read / 1e9, "copy_gbps": 8 * n / t_copy / 1e9}

@@ -1,0 +1,301 @@
+"""Kernel benchmark on CPU: the C++ ops against eager, torch.compile and a TRL-style loop, in one run.
+
+    python bench/kernels.py            # full run (~10 min on 2 cores), appends to bench/results/kernels.csv
+    python bench/kernels.py --quick    # tiny shapes, a smoke test (tests/bench/test_bench_quick.py)
+
+token_logprobs, fwd (no grad: old/reference log-probs) and fwd+bwd, vs
+  eager    torch.log_softmax(x.float() / T, -1).gather(...)
+  compile  torch.compile of the same function (compile time excluded: it happens in the warmup)
+  trl      TRL selective_log_softmax style: fp32 gather minus a logsumexp looped per sequence (bf16: a per-
+           sequence log_softmax), sequences of 512 tokens
+linear_token_logprobs vs eager `hidden @ W.T` then the eager log-softmax-gather, fwd and fwd+bwd.
+
+Time: median of repeats after a warmup. Throughput: token op in GB/s of bytes that must move (fwd reads N*V
+logits; fwd+bwd reads them twice and writes the gradient) and its share of the machine's bandwidth measured here
+(fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd, 6NDV fwd+bwd, the
+same count for every implementation although the C++ op recomputes the logits in backward: 8NDV).
+Peak memory: every (case, implementation) runs in a fresh subprocess; after the warmup its resident-set
+high-water mark is reset (/proc/self/clear_refs) and the peak growth over one call is recorded. It counts
+everything the call allocates and touches, outputs and gradients included; "extra" subtracts the gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from _common import append_csv, machine_info, mem_available_bytes, memory_bandwidth, peak_rss_delta, time_fn  # noqa: E402
+
+TEMPERATURE = 0.9
+SEQ = 512  # tokens per sequence for the TRL-style loop (TRL loops over the batch dimension)
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# (dtype, N, V)
+TOKEN_FULL = [
+    ("fp32", 1024, 32000),
+    ("fp32", 8192, 32000),
+    ("fp32", 2048, 151936),
+    ("bf16", 8192, 32000),
+    ("bf16", 2048, 151936),
+    ("bf16", 8192, 151936),
+]
+# (dtype, N, D, V)
+LINEAR_FULL = [
+    ("fp32", 2048, 1024, 32000),
+    ("bf16", 4096, 2048, 32000),
+    ("bf16", 2048, 1024, 151936),
+]
+TOKEN_QUICK = [("fp32", 64, 3000)]
+LINEAR_QUICK = [("fp32", 64, 32, 3000)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Implementations
+
+
+def eager_logprobs(x, t):
+    return torch.log_softmax(x.float() / TEMPERATURE, -1).gather(-1, t[:, None]).squeeze(-1)
+
+
+def trl_logprobs(x, t):
+    """Our take on TRL's selective_log_softmax on (B, L, V) logits, after TRL's `logits / temperature`."""
+    x = (x / TEMPERATURE).view(-1, min(SEQ, x.shape[0]), x.shape[-1])
+    t = t.view(x.shape[0], -1)
+    if x.dtype == torch.float32:
+        picked = x.gather(-1, t[..., None]).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(seq, dim=-1) for seq in x])
+        return (picked - lse).reshape(-1)
+    out = [torch.log_softmax(seq, -1).gather(-1, tt[:, None]).squeeze(-1) for seq, tt in zip(x, t, strict=True)]
+    return torch.stack(out).float().reshape(-1)
+
+
+def cpp_logprobs(x, t):
+    from kernels import cpp_ops
+
+    return cpp_ops.token_logprobs_cpp(x, t, temperature=TEMPERATURE, ignore_index=-100, return_entropy=False)[0]
+
+
+def eager_linear(h, w, t):
+    return eager_logprobs(h @ w.T, t)
+
+
+def cpp_linear(h, w, t):
+    from kernels import cpp_ops
+
+    return cpp_ops.linear_token_logprobs_cpp(h, w, t, bias=None, temperature=TEMPERATURE, ignore_index=-100,
+                                             return_entropy=False, chunk_size=None)[0]  # fmt: skip
+
+
+TOKEN_IMPLS = ("cpp", "eager", "compile", "trl")
+LINEAR_IMPLS = ("cpp", "eager")
+
+
+def _fn(op: str, impl: str):
+    if op == "token":
+        base = {"cpp": cpp_logprobs, "eager": eager_logprobs, "compile": eager_logprobs, "trl": trl_logprobs}[impl]
+    else:
+        base = {"cpp": cpp_linear, "eager": eager_linear}[impl]
+    return torch.compile(base, dynamic=False) if impl == "compile" else base
+
+
+def _est_peak_bytes(op, impl, dtype, n, v, d=0) -> int:
+    """Rough peak of fwd+bwd, to skip cases that would not fit next to other jobs on a shared machine."""
+    nv, es = n * v, DT[dtype].itemsize
+    if op == "linear":
+        return {"cpp": 3 * v * d * 4 + 8 * 256 * v, "eager": nv * (3 * es + 12)}[impl]
+    return nv * es * 2 + {"cpp": 0, "eager": nv * 12, "compile": nv * 8, "trl": nv * 6}[impl]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker: one (case, implementation) in a fresh process
+
+
+def worker(spec: dict) -> dict:
+    torch.manual_seed(0)
+    op, impl, dtype = spec["op"], spec["impl"], DT[spec["dtype"]]
+    n, v, d = spec["n"], spec["v"], spec.get("d", 0)
+    fn = _fn(op, impl)
+    t = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+    if op == "token":
+        inputs = [torch.randn(n, v).mul_(3).to(dtype)]
+    else:
+        inputs = [torch.randn(n, d).to(dtype), torch.randn(v, d).mul_(d**-0.5).to(dtype)]
+    grad_bytes = sum(x.numel() * x.element_size() for x in inputs)
+    out: dict = {}
+    for mode in ("fwd", "fwdbwd"):
+        if mode == "fwd":
+            args = inputs
+
+            def run(args=args):
+                with torch.no_grad():
+                    fn(*args, t)
+        else:
+            args = [x.detach().requires_grad_() for x in inputs]
+
+            def run(args=args):
+                for x in args:
+                    x.grad = None
+                fn(*args, t).backward(g)
+
+        t0 = time.perf_counter()
+        run()  # warmup (and compilation for torch.compile)
+        first = time.perf_counter() - t0
+        for x in args:
+            x.grad = None
+        t0 = time.perf_counter()
+        peak = peak_rss_delta(run)
+        # Short cases get more repeats (~1 s in all): a median of 2-3 sub-ms runs is noise on shared cores.
+        reps = max(spec["repeats"], min(50, int(1.0 / max(time.perf_counter() - t0, 1e-4))))
+        ms = 1e3 * time_fn(run, warmup=0, repeats=reps)
+        out[mode] = {"ms": ms, "peak": peak, "first_s": first, "grad_bytes": grad_bytes if mode == "fwdbwd" else 0}
+    return out
+
+
+def run_worker(spec: dict, timeout: int, in_process: bool = False) -> dict:
+    if in_process:  # --quick: no fresh process per case (faster; memory numbers less clean)
+        try:
+            return worker(spec)
+        except Exception as e:  # noqa: BLE001 - reported in the table like a failed subprocess
+            return {"error": f"{type(e).__name__}: {e}"[:200]}
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout}s"}
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (CI smoke test)")
+    ap.add_argument("--csv", default=os.path.join(HERE, "results", "kernels.csv"), help="CSV to append rows to")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per (case, implementation) subprocess")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    from kernels import cpp_ops
+
+    if not cpp_ops.available():
+        sys.exit(f"C++ ops unavailable: {cpp_ops.load_error()}")
+    t_start = time.time()
+    info = machine_info()
+    bw = memory_bandwidth(0.125 if args.quick else 1.0, repeats=3 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
+    info.update(simd=cpp_ops.simd_level(), read_gbps=round(bw["read_gbps"], 2), copy_gbps=round(bw["copy_gbps"], 2))
+    print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+          f"simd {info['simd']}, git {info['git_sha']}, load avg {info['loadavg']}")  # fmt: skip
+    print(f"# memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s (1 GiB fp32)")
+
+    token_cases = TOKEN_QUICK if args.quick else TOKEN_FULL
+    linear_cases = LINEAR_QUICK if args.quick else LINEAR_FULL
+    jobs = [("token", dt, n, 0, v, TOKEN_IMPLS) for dt, n, v in token_cases]
+    jobs += [("linear", dt, n, d, v, LINEAR_IMPLS) for dt, n, d, v in linear_cases]
+    rows, verdicts = [], []
+    header = (f"{'op':<7}{'dtype':<6}{'N':>6}{'D':>6}{'V':>8} {'mode':<7}{'impl':<8}{'ms':>10}{'thruput':>14}"
+              f"{'%bw':>6}{'peak MB':>10}{'cpp x':>8}")  # fmt: skip
+    print(header)
+    for op, dt, n, d, v, impls in jobs:
+        res = {}
+        for impl in impls:
+            if impl == "compile" and args.no_compile:
+                res[impl] = {"error": "skipped (--no-compile)"}
+                continue
+            need = _est_peak_bytes(op, impl, dt, n, v, d)
+            if need > 0.6 * mem_available_bytes():
+                res[impl] = {"error": f"skipped: needs ~{need / 2**30:.1f} GiB, too much next to other jobs"}
+                continue
+            spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats)
+            res[impl] = run_worker(spec, args.timeout, in_process=args.quick)
+        for mode in ("fwd", "fwdbwd"):
+            cpp = res["cpp"].get(mode)
+            for impl in impls:
+                r = res[impl].get(mode)
+                row = dict(info, quick=args.quick, op=op, dtype=dt, N=n, D=d, V=v, T=TEMPERATURE, mode=mode,
+                           impl=impl, ms="", throughput="", unit="", pct_bw="", peak_mb="", extra_mb="",
+                           cpp_speedup="", note=res[impl].get("error", ""))  # fmt: skip
+                if r is None:
+                    rows.append(row)
+                    print(f"{op:<7}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}  {row['note']}")
+                    continue
+                if op == "token":
+                    nbytes = n * v * DT[dt].itemsize * (1 if mode == "fwd" else 3)
+                    thr, unit = nbytes / r["ms"] / 1e6, "GB/s"
+                    pct = 100 * thr / (bw["read_gbps"] if mode == "fwd" else bw["copy_gbps"])
+                else:
+                    flops = 2 * n * d * v * (1 if mode == "fwd" else 3)
+                    thr, unit, pct = flops / r["ms"] / 1e6, "GFLOP/s", None
+                speed = cpp["ms"] and r["ms"] / cpp["ms"] if cpp else None
+                row.update(ms=round(r["ms"], 2), throughput=round(thr, 2), unit=unit,
+                           pct_bw="" if pct is None else round(pct, 1), peak_mb=round(r["peak"] / 2**20, 1),
+                           extra_mb=round((r["peak"] - r["grad_bytes"]) / 2**20, 1),
+                           cpp_speedup="" if speed is None else round(speed, 2))  # fmt: skip
+                rows.append(row)
+                pct_s = "" if pct is None else f"{pct:.0f}"
+                sp_s = "" if speed is None else f"{speed:.2f}"
+                print(f"{op:<7}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}{r['ms']:>10.1f}{thr:>9.1f} {unit:<5}"
+                      f"{pct_s:>5}{r['peak'] / 2**20:>10.0f}{sp_s:>8}")  # fmt: skip
+        verdicts += _targets(op, dt, n, d, v, res)
+    print("\n# targets")
+    for line in verdicts:
+        print(line)
+    append_csv("kernels", rows, path=args.csv)
+    print(f"\n# {len(rows)} rows appended to {os.path.relpath(args.csv)} in {time.time() - t_start:.0f} s; "
+          f"load avg at the end {machine_info()['loadavg']}")  # fmt: skip
+
+
+def _targets(op, dt, n, d, v, res) -> list[str]:
+    """The stated goals, checked on this case's fwd+bwd numbers."""
+
+    def get(impl):
+        return res.get(impl, {}).get("fwdbwd")
+
+    cpp, eager, comp = get("cpp"), get("eager"), get("compile")
+    shape = f"{op} {dt} N={n}" + (f" D={d}" if d else "") + f" V={v}"
+    out = []
+    if cpp is None:
+        return [f"{shape}: C++ run failed: {res['cpp'].get('error')}"]
+    ok = lambda b: "MET" if b else "NOT MET"  # noqa: E731
+    if op == "token":
+        if comp:
+            out.append(f"{shape}: fwd+bwd <= torch.compile ({cpp['ms']:.0f} vs {comp['ms']:.0f} ms): "
+                       f"{ok(cpp['ms'] <= comp['ms'])}")  # fmt: skip
+        if eager:
+            sp = eager["ms"] / cpp["ms"]
+            out.append(f"{shape}: fwd+bwd >= 2x eager ({sp:.2f}x): {ok(sp >= 2)}")
+            extra_c = cpp["peak"] - cpp["grad_bytes"]
+            extra_e = eager["peak"] - eager["grad_bytes"]
+            frac = extra_c / max(extra_e, 1)
+            out.append(f"{shape}: extra memory beyond grad < 2% of eager's ({extra_c / 2**20:.0f} MB vs "
+                       f"{extra_e / 2**20:.0f} MB = {100 * frac:.1f}%): {ok(frac < 0.02)}")  # fmt: skip
+    elif eager:
+        frac, slow = cpp["peak"] / max(eager["peak"], 1), cpp["ms"] / eager["ms"]
+        out.append(f"{shape}: peak < 1/8 of eager's ({cpp['peak'] / 2**20:.0f} vs {eager['peak'] / 2**20:.0f} MB"
+                   f" = 1/{1 / max(frac, 1e-9):.1f}): {ok(frac < 1 / 8)}")  # fmt: skip
+        out.append(f"{shape}: time within 1.5x eager ({slow:.2f}x): {ok(slow <= 1.5)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
