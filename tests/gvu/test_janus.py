@@ -202,18 +202,22 @@ def test_load_umm_janus_branch_and_errors(tiny, tmp_path):
         assert attn_implementation("flash_attention_2") == "sdpa"
 
 
-def write_run_files(tmp_path, ckpt, zero):
+def write_run_files(tmp_path, ckpt, zero, checkpointing=False):
+    ds = json.loads((REPO / "configs" / f"ds_zero{zero}.json").read_text())
+    if zero == 3:  # partition every parameter of the tiny model (the shipped threshold would keep them all whole)
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"tag": "t", "prompt": p}) + "\n" for p in PROMPTS + ["a yellow cat"]))
     cfg = tmp_path / "janus_tiny.yaml"
     cfg.write_text(
-        f"model: {{backend: janus, path: {ckpt}, max_rows: 8}}\n"
+        f"model: {{backend: janus, path: {ckpt}, max_rows: 8, gradient_checkpointing: {str(checkpointing).lower()}}}\n"
         f"data: {{prompts: {prompts}}}\n"
         "sampling: {cfg_scale: 3.0, temperature: 1.0}\n"
         "lora: {r: 4, alpha: 8}\n"
         "grpo: {prompts_per_step: 2, group_size: 2, beta: 0.04}\n"
         "optim: {lr: 1.0e-2, warmup_steps: 0}\n"
-        f"train: {{steps: 2, deepspeed: configs/ds_zero{zero}.json, eval_before: false, eval_after: false, "
+        f"train: {{steps: 2, deepspeed: {tmp_path / 'ds.json'}, eval_before: false, eval_after: false, "
         "save_every: 2, log_every: 1, sample_grid_prompts: 0}\n"
     )
     return cfg
@@ -246,7 +250,15 @@ def test_two_training_steps_one_rank_zero2(tiny, tmp_path):
 @pytest.mark.slow
 def test_two_training_steps_two_cpu_ranks_zero3(tiny, tmp_path):
     path, _, _ = tiny
-    cfg = write_run_files(tmp_path, path, 3)
+    cfg = write_run_files(tmp_path, path, 3, checkpointing=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29517"]
     run(cmd + [str(REPO / "gvu" / "train.py"), str(cfg), f"--train.output_dir={tmp_path / 'run'}"], REPO)
     check_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("name,stage", [("janus_pro_1b", 2), ("janus_pro_7b", 3)])
+def test_shipped_gpu_configs_parse(name, stage):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.model.backend == "janus" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.attn_implementation == "flash_attention_2" and cfg.grpo.logprob_mode == "rollout"
+    assert json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]["stage"] == stage
