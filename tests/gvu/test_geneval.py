@@ -44,20 +44,21 @@ def test_toy_export_layout_resume_and_determinism(toy_ckpt, tmp_path, capsys):
     prompts = [m["prompt"] for m in shapes_world.make_prompt_sets(0)[1][:3]]
     cfg, meta, lines = write_inputs(tmp_path, "toy", toy_ckpt, prompts)
     out = tmp_path / "gen"
-    args = ["--config", str(cfg), "--metadata", str(meta), "--out", str(out), "--samples", "3"]
+    args = ["--config", str(cfg), "--metadata", str(meta), "--out", str(out), "--samples", "2", "--batch", "2"]
     assert geneval.main(args) == 0
-    check_layout(out, lines, 3, ToyUMM.image_size)
-    first = np.asarray(Image.open(out / "00001" / "samples" / "0002.png"))
+    check_layout(out, lines, 2, ToyUMM.image_size)
+    first = np.asarray(Image.open(out / "00002" / "samples" / "0001.png"))
     mtime = (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns
-    # a killed run leaves an unfinished prompt folder missing and maybe a temp folder: only that prompt is redone
-    shutil.rmtree(out / "00001")
-    (out / ".00001.crashed").mkdir()
+    # a killed run leaves an unfinished prompt folder missing and maybe a temp folder: only that prompt is redone,
+    # with the same images (batches of 2: prompt 2 was alone in its batch, seeded by its own index)
+    shutil.rmtree(out / "00002")
+    (out / ".00002.crashed").mkdir()
     assert geneval.main(args) == 0
     assert "(1 written now)" in capsys.readouterr().out
     assert (out / "00000" / "samples" / "0000.png").stat().st_mtime_ns == mtime
-    assert np.array_equal(np.asarray(Image.open(out / "00001" / "samples" / "0002.png")), first)
-    shutil.rmtree(out / ".00001.crashed")
-    check_layout(out, lines, 3, ToyUMM.image_size)
+    assert np.array_equal(np.asarray(Image.open(out / "00002" / "samples" / "0001.png")), first)
+    shutil.rmtree(out / ".00002.crashed")
+    check_layout(out, lines, 2, ToyUMM.image_size)
 
 
 def test_bad_inputs_give_an_error_code(toy_ckpt, tmp_path, capsys):

@@ -240,11 +240,25 @@ def check_run(out):
     assert "language_model" in str(cfg["target_modules"])
 
 
-def test_two_training_steps_one_rank_zero2(tiny, tmp_path):
+def test_two_training_steps_in_process_zero2_move_every_lora_parameter(tiny, tmp_path):
+    """The short version of the run below: train_step twice on one rank, in this process."""
+    from gvu import train
+    from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.metrics import PhaseTimer
+
     path, _, _ = tiny
-    cfg = write_run_files(tmp_path, path, 2)
-    run([sys.executable, str(REPO / "gvu" / "train.py"), str(cfg), f"--train.output_dir={tmp_path / 'run'}"], REPO)
-    check_run(tmp_path / "run")
+    cfg = load_config(write_run_files(tmp_path, path, 2), [f"--train.output_dir={tmp_path / 'run'}"])
+    rank, world = train.init_distributed()
+    adapter, model = train.build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine = train.make_engine(model, cfg, world)
+    sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
+    for step in range(2):
+        m = train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
+        assert np.isfinite(m["loss"]) and 0 < m["reward/mean"] < 1 and m["reward/group_std"] > 0
+    after = dict(engine.module.named_parameters())
+    unchanged = [n for n in before if torch.equal(before[n], after[n].detach())]
+    assert before and not unchanged, f"LoRA parameters that did not move: {unchanged}"
 
 
 @pytest.mark.slow
