@@ -1,13 +1,15 @@
 // linear_token_logprobs: log softmax((hidden @ weight.T + bias) / T)[target] a chunk of rows at a time.
 //
-// Each chunk's logits come from one BLAS GEMM (at::mm_out / at::addmm_out into a reused buffer), then the fused
-// row pass of token_logprobs. Backward recomputes the chunk's logits, turns them into grad-logits (in place
-// for fp32), then dH_chunk = G @ W and dW += G^T @ H_chunk in an fp32 accumulator. Rows whose target is
-// ignore_index are dropped before the GEMMs (GRPO masks prompt tokens), so they cost nothing.
-// Peak extra memory: O(chunk * V) (+ the fp32 dW accumulator when weight is bf16/fp16), never N x V.
+// Forward: each chunk's logits come from one BLAS GEMM (at::mm_out / at::addmm_out into a reused buffer), then
+// the fused row pass of token_logprobs. Backward recomputes the logits tile by tile (row chunk x V-block), turns
+// each tile into grad-logits (in place for fp32), then dH += G @ W_block and dW_block += G^T @ H_chunk, both
+// accumulated in fp32. Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt
+// tokens), so they cost nothing. Peak extra memory: O(chunk * V) forward, O(chunk * 8192 + 8192 * D + N * D)
+// backward, never N x V.
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "ops.h"
@@ -125,24 +127,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor dH = need_h ? at::zeros({N, D}, hidden.options()) : at::empty({0}, hidden.options());
-  // fp32 weights accumulate straight into the returned gradient; bf16/fp16 ones into an fp32 buffer cast once
-  // at the end (accumulating per-chunk products in bf16 is the precision bug Liger users reported).
   const bool w32 = weight.scalar_type() == at::kFloat;
-  at::Tensor dW32 = need_w ? at::zeros({V, D}, f32) : at::Tensor();
+  // fp32 weights accumulate straight into dW; bf16/fp16 ones per V-block in fp32, copied in when the block is done.
+  at::Tensor dW = need_w ? at::zeros({V, D}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor db32 = need_b ? at::zeros({V}, f32) : at::Tensor();
-  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
-    at::Tensor dW = need_w ? (w32 ? dW32 : dW32.to(weight.scalar_type())) : at::empty({0}, weight.options());
+  auto finish = [&](const at::Tensor& dH) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     at::Tensor db = need_b ? db32.to(bias_opt->scalar_type()) : at::empty({0}, weight.options());
     return {dH, dW, db};
   };
+  const at::Tensor no_dH = need_h ? at::zeros({N, D}, hidden.options()) : at::empty({0}, hidden.options());
   const bool any_grad = (grad_logp.has_value() && grad_logp->defined()) ||
                         (grad_lse.has_value() && grad_lse->defined()) ||
                         (grad_entropy.has_value() && grad_entropy->defined());
-  if (N == 0 || !(need_h || need_w || need_b) || !any_grad) return finish();
+  if (N == 0 || !(need_h || need_w || need_b) || !any_grad) return finish(no_dH);
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const Rows rows = kept_rows(targets, ignore_index);
-  if (rows.n == 0) return finish();
+  if (rows.n == 0) return finish(no_dH);
 
   auto kept_f32 = [&](const c10::optional<at::Tensor>& g) {
     if (!g.has_value() || !g->defined()) return at::Tensor();
@@ -152,42 +152,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const at::Tensor gl = kept_f32(grad_logp), gs = kept_f32(grad_lse), ge = kept_f32(grad_entropy);
   const at::Tensor lse = take(lse_in.to(at::kFloat), rows).contiguous();
   const at::Tensor ent = ge.defined() ? take(entropy_in.to(at::kFloat), rows).contiguous() : at::Tensor();
-  const at::Tensor h = take(hidden, rows), t = take(targets, rows).contiguous();
+  const at::Tensor h = take(hidden, rows);
+  const at::Tensor hw = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type());
+  const at::Tensor h32 = need_w ? h.to(at::kFloat) : at::Tensor();  // G is fp32, so dW's GEMM runs in fp32
+  const at::Tensor t = take(targets, rows).contiguous();
   const at::Tensor bias = bias_in(bias_opt, weight);
-  const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n) : default_chunk_size(rows.n, V);
   const DType dt = dtype_of(weight);
   const float inv_t = static_cast<float>(1.0 / temperature);
 
-  at::Tensor buf = at::empty({C, V}, weight.options());
-  // bf16/fp16: grad-logits in fp32 for the fp32 dW/db accumulation, plus a copy in weight's dtype for the
-  // dH GEMM (oneDNN bf16 GEMM accumulates in fp32 internally). fp32: G overwrites the logits in place.
-  at::Tensor g32 = w32 ? buf : at::empty({C, V}, f32);
-  at::Tensor glow = (!w32 && need_h) ? at::empty({C, V}, weight.options()) : at::Tensor();
-  at::Tensor dHk = (need_h && rows.idx.defined()) ? at::empty({rows.n, D}, hidden.options()) : dH;
+  // Tiles of (C rows) x (Vb vocab columns), V-blocks outermost. The forward's lse and entropy make every tile's
+  // grad-logits computable on its own, so each V-block's dW rows are finished (accumulated over all row chunks
+  // in fp32, then cast once) before the next block starts: fp32 accumulation without a V x D fp32 buffer
+  // (Liger users hit bf16 dW accumulation errors; a full fp32 dW is 2x the weight, 1.2 GB at 151936 x 2048).
+  // dH accumulates over V-blocks in fp32 (N x D, small).
+  constexpr int64_t kVBlock = 8192;
+  const int64_t Vb = std::min(kVBlock, V);
+  const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n)
+                                   : std::min<int64_t>(rows.n, std::clamp<int64_t>(kChunkBytes / (Vb * 8), 16, 512));
+  at::Tensor dH32 = need_h ? at::zeros({rows.n, D}, f32) : at::Tensor();
+  at::Tensor buf = at::empty({C, Vb}, weight.options());
+  // bf16/fp16 weights: grad-logits in fp32 (for dW/db) and a copy in weight's dtype for the dH GEMM.
+  // fp32 weights: G overwrites the logits tile in place.
+  at::Tensor g32 = w32 ? buf : at::empty({C, Vb}, f32);
+  at::Tensor glow = (!w32 && need_h) ? at::empty({C, Vb}, weight.options()) : at::Tensor();
+  at::Tensor dWb32 = (need_w && !w32) ? at::empty({Vb, D}, f32) : at::Tensor();
+  at::Tensor tshift = at::empty_like(t);
   auto ptr = [](const at::Tensor& x, int64_t off) { return x.defined() ? x.data_ptr<float>() + off : nullptr; };
+  // No kept row is ignored; a sentinel no target can equal, since shifted targets may be negative.
+  constexpr int64_t kNoIgnore = std::numeric_limits<int64_t>::min();
 
-  for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
-    const int64_t n = std::min(C, rows.n - r0);
-    const at::Tensor hc = h.narrow(0, r0, n);
-    at::Tensor L = buf.narrow(0, 0, n);
-    at::Tensor G = g32.narrow(0, 0, n);
-    chunk_logits(L, hc, weight, bias);
-    rows_backward(L.data_ptr(), dt, V, G.data_ptr(), DType::F32, V, n, V, t.data_ptr<int64_t>() + r0,
-                  ignore_index, inv_t, ptr(gl, r0), ptr(gs, r0), ptr(ge, r0), lse.data_ptr<float>() + r0,
-                  ptr(ent, r0));
-    if (need_h) {
-      at::Tensor out = dHk.narrow(0, r0, n);
-      const at::Tensor Gm = w32 ? G : glow.narrow(0, 0, n).copy_(G);
-      if (out.scalar_type() == weight.scalar_type())
-        at::mm_out(out, Gm, weight);
-      else
-        out.copy_(at::mm(Gm, weight));
+  for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+    const int64_t vb = std::min(Vb, V - v0);
+    const at::Tensor Wb = weight.narrow(0, v0, vb);
+    const at::Tensor bb = bias.defined() ? bias.narrow(0, v0, vb) : at::Tensor();
+    at::Tensor dWb = need_w ? (w32 ? dW.narrow(0, v0, vb) : dWb32.narrow(0, 0, vb).zero_()) : at::Tensor();
+    at::sub_out(tshift, t, v0);  // targets relative to the block; outside [0, vb) means no one-hot here
+    for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
+      const int64_t n = std::min(C, rows.n - r0);
+      at::Tensor L = buf.narrow(0, 0, n).narrow(1, 0, vb);
+      at::Tensor G = g32.narrow(0, 0, n).narrow(1, 0, vb);
+      chunk_logits(L, hw.narrow(0, r0, n), Wb, bb);
+      rows_backward(L.data_ptr(), dt, L.stride(0), G.data_ptr(), DType::F32, G.stride(0), n, vb,
+                    tshift.data_ptr<int64_t>() + r0, kNoIgnore, inv_t, ptr(gl, r0), ptr(gs, r0), ptr(ge, r0),
+                    lse.data_ptr<float>() + r0, ptr(ent, r0));
+      if (need_h) {
+        at::Tensor acc = dH32.narrow(0, r0, n);
+        if (w32)
+          acc.addmm_(G, Wb);
+        else
+          acc.add_(at::mm(glow.narrow(0, 0, n).narrow(1, 0, vb).copy_(G), Wb));
+      }
+      if (need_w) dWb.addmm_(G.t(), h32.narrow(0, r0, n));
+      if (need_b) db32.narrow(0, v0, vb).add_(G.sum(0));
     }
-    if (need_w) dW32.addmm_(G.t(), hc.scalar_type() == at::kFloat ? hc : hc.to(at::kFloat));
-    if (need_b) db32.add_(G.sum(0));
+    if (need_w && !w32) dW.narrow(0, v0, vb).copy_(dWb);
   }
-  if (need_h && rows.idx.defined()) dH.index_copy_(0, rows.idx, dHk);
-  return finish();
+  if (!need_h) return finish(no_dH);
+  at::Tensor dHk = dH32.to(hidden.scalar_type());
+  if (!rows.idx.defined()) return finish(dHk);
+  at::Tensor dH = at::zeros({N, D}, hidden.options());
+  dH.index_copy_(0, rows.idx, dHk);
+  return finish(dH);
 }
 
 }  // namespace gvu

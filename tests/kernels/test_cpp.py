@@ -257,6 +257,26 @@ def test_linear_large_vocab_and_all_ignored():
     assert (lp == 0).all() and (ent == 0).all() and (hg.grad == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_vocab_block_borders(dtype):
+    # The backward tiles V in blocks of 8192: targets on both sides of each border, the last block partial.
+    n, d, v = 6, 24, 20000
+    h, w = torch.randn(n, d).to(dtype), (torch.randn(v, d) * 0.3).to(dtype)
+    t = torch.tensor([8191, 8192, 16383, 16384, 0, v - 1])
+    _check_linear(h, w, torch.randn(v).to(dtype), t, 4, atol=1e-4, gatol=1e-4)
+
+
+def test_linear_backward_has_no_fp32_weight_sized_buffer():
+    n, d, v = 32, 64, 20000
+    h = torch.randn(n, d).bfloat16().requires_grad_()
+    w = (torch.randn(v, d) * 0.3).bfloat16().requires_grad_()
+    lp, _ = cpp_ops.linear_token_logprobs_cpp(h, w, _targets(n, v), bias=None, temperature=1.0, ignore_index=IGN,
+                                              return_entropy=False, chunk_size=8)  # fmt: skip
+    g = torch.randn(n)
+    # The bf16 dW itself (v * d * 2 bytes) is the largest tensor; a whole fp32 accumulator would be twice that.
+    assert _max_alloc(lambda: lp.backward(g)) <= v * d * 2 + 65536  # + allocator slack
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_low_precision(dtype):
     h, w = torch.randn(20, 64).to(dtype), (torch.randn(3000, 64) * 0.2).to(dtype)
