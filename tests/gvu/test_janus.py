@@ -276,3 +276,12 @@ def test_shipped_gpu_configs_parse(name, stage):
     assert cfg.model.backend == "janus" and cfg.model.dtype == "bfloat16"
     assert cfg.model.attn_implementation == "flash_attention_2" and cfg.grpo.logprob_mode == "rollout"
     assert json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]["stage"] == stage
+
+
+def test_decode_then_encode_shapes(tiny):
+    _, adapter, _ = tiny
+    codes = torch.randint(0, adapter.num_codes, (2, adapter.image_len))
+    images = adapter.decode(codes)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    back = adapter.encode(images)
+    assert back.shape == codes.shape and int(back.max()) < adapter.num_codes
