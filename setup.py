@@ -25,6 +25,10 @@ class CMakeBuild(build_ext):
     def run(self):
         if os.environ.get("GVU_SKIP_CPP") == "1":
             print("GVU_SKIP_CPP=1: not building the C++ ops (kernels will use the PyTorch reference)")
+            for ext in self.extensions:  # a library left in build/ by an earlier build must not ship
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path) and not self.inplace and not getattr(self, "editable_mode", False):
+                    os.remove(path)
             return
         super().run()
 
