@@ -22,7 +22,7 @@ def test_defaults_and_overrides(tmp_path):
         ("--grpo.bogus=1", r"unknown config field\(s\) \['grpo.bogus'\]"),
         ("--sampling.temperature=0", "temperature must be > 0"),
         ("--optim.lr=abc", "optim.lr must be float"),
-        ("--grpo.micro_batch_size=7", "must divide"),
+        ("--grpo.micro_batch_size=7", "must be a multiple of group_size"),
         ("grpo.beta", "must look like"),
     ],
 )
