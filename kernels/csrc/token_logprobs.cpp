@@ -59,6 +59,9 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const 
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor grad = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
+  // The gradient is a fresh N x V buffer: with 4 KiB pages its first touch costs one page fault per 4 KiB, and
+  // that dominated the backward (4096 x 32000 fp32 here: 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones).
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const at::Tensor gl = as_f32(grad_logp, N, "grad_logp"), gs = as_f32(grad_lse, N, "grad_lse");
   at::Tensor ge = as_f32(grad_entropy, N, "grad_entropy");
