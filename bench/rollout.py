@@ -1,0 +1,153 @@
+"""Rollout throughput: the toy adapter's batched KV-cache `generate` vs transformers `model.generate`.
+
+    python bench/rollout.py                 # (B prompts, G samples) in (1,8) (4,8) (16,8) (16,16), 5 repeats
+    python bench/rollout.py --quick         # tiny shapes, 1 repeat (the smoke test)
+
+Both sample the same images from the same model and prefixes: ours feeds a row's last code and its forced <eor>
+in one forward (36 forwards per image) and computes only the K=121 code logits; HF runs 42 one-token forwards
+with full-vocabulary logits, restricted by `ImageLayoutProcessor`. Greedy outputs must be identical (asserted).
+Baseline and ours run interleaved in the same process; ratios are HF seconds / our seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first: bench/kernels.py must not shadow `kernels`
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from gvu import shapes_world as W  # noqa: E402
+from gvu.rollout import SamplingConfig  # noqa: E402
+
+
+class ImageLayoutProcessor(LogitsProcessor):
+    """Makes HF generate emit a valid toy image: at row ends only <eor>, elsewhere only the image codes.
+
+    `prefix_len` is the (left-padded) prefix length, so the step index is input_ids.shape[1] - prefix_len.
+    """
+
+    def __init__(self, adapter, prefix_len: int):
+        self.prefix_len = prefix_len
+        self.row = adapter.row
+        self.eor = adapter.eor
+        self.codes = slice(adapter.code_offset, adapter.code_offset + adapter.num_codes)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.prefix_len
+        out = torch.full_like(scores, float("-inf"))
+        if (t + 1) % (self.row + 1) == 0:
+            out[:, self.eor] = 0.0
+        else:
+            out[:, self.codes] = scores[:, self.codes]
+        return out
+
+
+def hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    """transformers generate on the same prefixes -> codes int64 (B*G, 36), checked to be a valid layout."""
+    ids, mask = adapter._prefix(prompts.repeat_interleave(num_samples))
+    proc = LogitsProcessorList([ImageLayoutProcessor(adapter, ids.shape[1])])
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    torch.manual_seed(seed)  # HF samples from the global generator
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=adapter.layout_len,
+            min_new_tokens=adapter.layout_len,
+            logits_processor=proc,
+            pad_token_id=adapter.pad,
+            eos_token_id=None,
+            **kw,
+        )
+    lay = out[:, ids.shape[1] :].view(-1, adapter.row, adapter.row + 1)
+    if not bool((lay[:, :, -1] == adapter.eor).all()):
+        raise AssertionError("HF generate produced a row without its closing <eor>")
+    return lay[:, :, :-1].reshape(-1, adapter.image_len) - adapter.code_offset
+
+
+def ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    s = SamplingConfig(greedy=True) if greedy else SamplingConfig(temperature=1.0)
+    return adapter.generate(model, prompts, num_samples, s, generator=torch.Generator().manual_seed(seed))
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
+    p.add_argument("--configs", default="1x8,4x8,16x8,16x16", help="comma list of BxG (prompts x samples)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
+    # the greedy check before each config's timing already runs both paths once, so no extra warmup by default
+    p.add_argument("--warmup", type=int, default=0, help="extra untimed runs per implementation before timing")
+    # 1 by default: this model is too small for intra-op parallelism, and with a second busy job on the 2 cores a
+    # 2-thread run waits at every barrier (16x8 rollout: 0.60 s at 1 thread vs 11.2 s at 2, load ~5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--out", default=None, help="CSV path (default bench/results/rollout.csv)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.configs, args.repeats, args.warmup = "2x2", 1, 0
+
+    t_start = time.perf_counter()
+    adapter, model, src = C.load_toy()
+    prompts_all = [m["prompt"] for m in W.make_prompt_sets(0)[0]]
+    info = C.machine_info()
+    rows = []
+    for spec in args.configs.split(","):
+        B, G = (int(x) for x in spec.lower().split("x"))
+        prompts = adapter.tokenize_prompts(prompts_all[:B])
+        N = B * G
+        # correctness first: greedy decoding must give identical tokens on this very batch
+        a = ours_generate(adapter, model, prompts, G, greedy=True)
+        b = hf_generate(adapter, model, prompts, G, greedy=True)
+        equal = torch.equal(a, b)
+        assert equal, f"greedy tokens differ at B={B} G={G}: {(a != b).sum().item()} of {a.numel()}"
+        t = C.time_interleaved(
+            {
+                "ours": lambda: ours_generate(adapter, model, prompts, G, greedy=False),  # noqa: B023
+                "hf_generate": lambda: hf_generate(adapter, model, prompts, G, greedy=False),  # noqa: B023
+            },
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+        load = C.load_average()
+        for impl in ("hf_generate", "ours"):
+            rows.append(
+                {
+                    **info,
+                    "loadavg": load,
+                    "bench": "rollout",
+                    "model": src,
+                    "B": B,
+                    "G": G,
+                    "images": N,
+                    "impl": impl,
+                    "baseline": "hf_generate",
+                    "seconds": t[impl],
+                    "images_per_s": N / t[impl],
+                    "code_tokens_per_s": N * adapter.image_len / t[impl],
+                    "speedup_vs_baseline": t["hf_generate"] / t[impl],
+                    "greedy_equal": equal,
+                    "repeats": args.repeats,
+                    "quick": args.quick,
+                }
+            )
+    print(
+        f"rollout | {time.perf_counter() - t_start:.0f} s | {info['cpu']} | {info['threads']} threads | "
+        f"torch {info['torch']} | transformers {info['transformers']} | {info['git_sha']} | model {src} | "
+        f"load {info['loadavg']}"
+    )
+    cols = ["B", "G", "impl", "seconds", "images_per_s", "code_tokens_per_s", "speedup_vs_baseline", "loadavg"]
+    print(C.table(rows, cols))
+    path = C.append_csv("rollout", rows, args.out)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run()
