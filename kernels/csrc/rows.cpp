@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -90,6 +92,14 @@ void advise_huge_pages(void* p, size_t bytes) {
   const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: failure is harmless
 #endif
+}
+
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("GVU_KERNELS_THP");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
 }
 
 void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index) {

@@ -26,6 +26,7 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
 
 // Ask for transparent huge pages on a fresh, untouched buffer of >= 8 MB (no-op otherwise or if unsupported).
 void advise_huge_pages(void* p, size_t bytes);
+bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)
 
 // Throws (from the calling thread) if a non-ignored target lies outside [0, V).
 void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index);

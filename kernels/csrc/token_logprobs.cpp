@@ -59,9 +59,11 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const 
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor grad = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
-  // The gradient is a fresh N x V buffer: with 4 KiB pages its first touch costs one page fault per 4 KiB, and
-  // that dominated the backward (4096 x 32000 fp32 here: 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones).
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  // The gradient is a fresh N x V buffer whose first touch (page faults + zeroing) is a large part of the
+  // backward: 4096 x 32000 fp32 took 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones. But on this VM the first
+  // huge-page allocation in a process cost 3.5 s (vs 0.9 s) for 1.2 GB, so huge pages are opt-in
+  // (GVU_KERNELS_THP=1), like torch's own THP_MEM_ALLOC_ENABLE.
+  if (huge_pages_enabled()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const at::Tensor gl = as_f32(grad_logp, N, "grad_logp"), gs = as_f32(grad_lse, N, "grad_lse");
   at::Tensor ge = as_f32(grad_entropy, N, "grad_entropy");
