@@ -138,7 +138,14 @@ def _build_sprites() -> np.ndarray:
 
 
 SPRITES = _build_sprites()
-_SPRITES_F = SPRITES.reshape(NUM_CODES, -1).astype(np.float32)
+SPRITES_FLAT = SPRITES.reshape(NUM_CODES, -1)
+_SPRITES_F = SPRITES_FLAT.astype(np.float32)
+_HASH_W = np.random.default_rng(12345).integers(1, 2**62, size=CELL * CELL * 3, dtype=np.int64)
+with np.errstate(over="ignore"):
+    _SPRITE_KEYS = SPRITES_FLAT.astype(np.int64) @ _HASH_W
+_SPRITE_KEYS_ORDER = np.argsort(_SPRITE_KEYS)
+_SPRITE_KEYS_SORTED = _SPRITE_KEYS[_SPRITE_KEYS_ORDER]
+assert len(np.unique(_SPRITE_KEYS)) == NUM_CODES, "sprite hashes collide"
 
 
 def render(codes) -> np.ndarray:
@@ -156,8 +163,9 @@ def render(codes) -> np.ndarray:
 def read_image(pixels) -> np.ndarray:
     """uint8 pixels (N, 96, 96, 3) (or (96, 96, 3)) -> codes int64 (N, 36) (or (36,)).
 
-    Each cell is matched to the nearest sprite (squared distance), so rendered images read back exactly and
-    slightly perturbed pixels (e.g. a lossy PNG) still read as the closest sprite.
+    Cells that are exactly a sprite are found by a hash lookup (the renderer is exact); any other cell (e.g. from
+    a lossy PNG) is matched to the nearest sprite by squared distance. The lookup made the trainer's per-step
+    scoring of 128 rollouts ~100x cheaper than matching every cell (28 ms -> well under 1 ms per image).
     """
     p = np.asarray(pixels)
     single = p.ndim == 3
@@ -165,12 +173,14 @@ def read_image(pixels) -> np.ndarray:
     if p.shape[1:] != (GRID * CELL, GRID * CELL, 3):
         raise ValueError(f"pixels must be (N, {GRID * CELL}, {GRID * CELL}, 3); got {np.asarray(pixels).shape}")
     cells = p.reshape(-1, GRID, CELL, GRID, CELL, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, CELL * CELL * 3)
-    out = np.empty(len(cells), np.int64)
-    sq = (_SPRITES_F**2).sum(1)
-    for i in range(0, len(cells), 8192):
-        x = cells[i : i + 8192].astype(np.float32)
-        d = sq[None, :] - 2 * x @ _SPRITES_F.T
-        out[i : i + 8192] = d.argmin(1)
+    keys = cells.astype(np.int64) @ _HASH_W  # wraps modulo 2^64: a hash, equal for equal cells
+    pos = np.clip(np.searchsorted(_SPRITE_KEYS_SORTED, keys), 0, NUM_CODES - 1)
+    out = _SPRITE_KEYS_ORDER[pos]
+    exact = (_SPRITE_KEYS_SORTED[pos] == keys) & (SPRITES_FLAT[out] == cells).all(1)
+    if not exact.all():
+        x = cells[~exact].astype(np.float32)
+        d = (_SPRITES_F**2).sum(1)[None, :] - 2 * x @ _SPRITES_F.T
+        out[~exact] = d.argmin(1)
     out = out.reshape(-1, IMAGE_LEN)
     return out[0] if single else out
 
