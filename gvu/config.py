@@ -53,7 +53,14 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
+    # "all": one adapter for both directions (the paper's setup). "generation": the adapter runs only in
+    # generation passes; every understanding pass (the reward, captions) runs with it disabled, so the trained
+    # model's understanding is exactly the base's (a modality-specific adapter, like X-Omni's; DESIGN.md).
+    scope: str = "all"
+
     def __post_init__(self):
+        if self.scope not in ("all", "generation"):
+            raise ConfigError(f"lora.scope must be 'all' or 'generation', got {self.scope!r}")
         if self.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
         if not self.target_modules:
@@ -68,6 +75,9 @@ class DataConfig:
     eval_file: str = ""  # held-out GenEval-format .jsonl when prompts is a file ("" : no held-out evaluation)
     seed: int = 0
     eval_prompts: int = 0  # 0: the whole held-out set; N: N prompts spread evenly over it
+    # draw each step's prompts round-robin over tags (uniform per tag, as the score averages tags) instead of
+    # uniformly over prompts (which the tags with thousands of compositional variants dominate)
+    balance_tags: bool = False
 
 
 @dataclass

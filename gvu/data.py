@@ -48,11 +48,17 @@ def load_prompt_sets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 class PromptSampler:
     """Which prompts a rank trains on at a step: epochs of seeded shuffles, so a resumed run draws the same."""
 
-    def __init__(self, metas: list[dict], per_step: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self, metas: list[dict], per_step: int, seed: int, rank: int = 0, world: int = 1, balance_tags: bool = False
+    ):
         if per_step % world:
             raise ConfigError(f"grpo.prompts_per_step={per_step} must be divisible by the number of ranks ({world})")
         self.metas, self.per_step, self.seed, self.rank, self.world = metas, per_step, seed, rank, world
         self._orders: dict[int, list[int]] = {}
+        self.by_tag: dict[str, list[dict]] = {}
+        if balance_tags:
+            for m in metas:
+                self.by_tag.setdefault(m.get("tag", "all"), []).append(m)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch in self._orders:
@@ -67,8 +73,14 @@ class PromptSampler:
         n = len(self.metas)
         start = step * self.per_step
         out = []
-        for j in range(start, start + self.per_step):
-            epoch, pos = divmod(j, n)
-            out.append(self.metas[self._order(epoch)[pos]])
+        if self.by_tag:  # tag j mod T, then a seeded draw within the tag: depends only on (seed, step)
+            tags = sorted(self.by_tag)
+            rng = random.Random(self.seed * 1_000_003 + step)
+            for j in range(start, start + self.per_step):
+                out.append(rng.choice(self.by_tag[tags[j % len(tags)]]))
+        else:
+            for j in range(start, start + self.per_step):
+                epoch, pos = divmod(j, n)
+                out.append(self.metas[self._order(epoch)[pos]])
         k = self.per_step // self.world
         return out[self.rank * k : (self.rank + 1) * k]

@@ -172,7 +172,8 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
     with timer("decode"):
         images = adapter.decode(image_tokens)  # (B*G, H, W, 3) uint8
     with timer("reward"):
-        teacher = adapter_disabled(model) if g.reward_teacher == "reference" else nullcontext()
+        frozen = g.reward_teacher == "reference" or cfg.lora.scope == "generation"
+        teacher = adapter_disabled(model) if frozen else nullcontext()
         with teacher:
             rewards = intrinsic_reward(adapter, model, images, prompts.repeat_interleave(G))  # (B*G,)
     advantages = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
@@ -267,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter, model = build_model(cfg)
     train_metas, eval_metas = load_prompt_sets(cfg.data)
-    sampler = PromptSampler(train_metas, cfg.grpo.prompts_per_step, cfg.data.seed, rank, world)
+    sampler = PromptSampler(
+        train_metas, cfg.grpo.prompts_per_step, cfg.data.seed, rank, world, balance_tags=cfg.data.balance_tags
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(
         f"GvU | model {cfg.model.backend}:{cfg.model.path} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -386,7 +389,8 @@ def evaluate_all(adapter, model, metas, cfg: Config, rank: int, world: int) -> d
     gen = gvu_eval.generation_scores(
         adapter, model, shard, cfg.train.eval_samples, cfg.sampling, seed=cfg.train.seed * 7919 + rank
     )
-    und = gvu_eval.understanding_scores(adapter, model, shard, seed=cfg.train.seed * 7919 + rank)
+    with adapter_disabled(model) if cfg.lora.scope == "generation" else nullcontext():
+        und = gvu_eval.understanding_scores(adapter, model, shard, seed=cfg.train.seed * 7919 + rank)
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, (gen, und))
