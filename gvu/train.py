@@ -233,9 +233,9 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
     if cfg.data.prompts == "shapes":  # the toy world's exact evaluator on the rollouts themselves: a free score curve
         from gvu import shapes_world
 
-        out["train/score"] = float(
-            np.mean([shapes_world.evaluate(m, im) for m, im in zip(np.repeat(metas, G), images)])
-        )
+        codes = shapes_world.read_image(images)  # once for the batch (B*G, 36)
+        rows = [m for m in metas for _ in range(G)]
+        out["train/score"] = float(np.mean([shapes_world.evaluate(m, c) for m, c in zip(rows, codes, strict=True)]))
     return out
 
 
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_main and (steps_done % cfg.train.log_every == 0 or steps_done in (1, cfg.train.steps)):
             say(
                 f"step {steps_done:4d}/{cfg.train.steps} | reward {metrics['reward/mean']:.4f} | "
-                f"score {metrics.get('train/score', float('nan')):.3f} | loss {metrics['loss']:+.4f} | kl {metrics['kl']:.4f} | "
+                f"score {metrics.get('train/score', float('nan')):.3f} | loss {metrics['loss']:+.4f} | "
+                f"kl {metrics['kl']:.4f} | "
                 f"{metrics['time/step']:.2f}s/step (rollout {phases.get('rollout', 0):.2f}, "
                 f"reward {phases.get('reward', 0):.2f}, backward {phases.get('backward', 0):.2f})",
                 flush=True,
