@@ -163,6 +163,52 @@ def load_toy(seed: int = 0, **overrides):
     return adapter, model, src
 
 
+JANUS_TINY_SEED = 0
+
+
+def janus_tiny_words() -> list[str]:
+    """Every word of the shapes-world train prompts: the tiny Janus tokenizer's vocabulary (no <unk> in prompts)."""
+    from gvu import shapes_world as W
+
+    return sorted({w for m in W.make_prompt_sets(0)[0] for w in m["prompt"].split()})
+
+
+def load_janus(seed: int = JANUS_TINY_SEED):
+    """(JanusUMM adapter, eval-mode JanusForConditionalGeneration, source label) for a tiny random Janus.
+
+    Built offline the way tests/gvu/test_janus.py does it: gvu.models.janus.make_tiny_checkpoint writes a random
+    checkpoint (tiny_config: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px, VQ with 64 codes on a 4x4 grid)
+    with a WordLevel tokenizer over the shapes-world words, then JanusUMM.from_pretrained loads it back.
+    """
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from gvu.models.janus import JanusUMM, make_tiny_checkpoint
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in bench output
+    with tempfile.TemporaryDirectory(prefix="gvu_bench_janus_") as tmp:
+        path = make_tiny_checkpoint(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed)
+        adapter, model = JanusUMM.from_pretrained(path)
+        # weights may be memory-mapped from the folder about to be deleted: materialise them first
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+    model.eval()
+    return adapter, model, f"janus_tiny-random(seed={seed})"
+
+
+def janus_shapes(adapter, model) -> str:
+    """One-line description of a Janus model's sizes for bench headers and the README."""
+    c = model.config
+    t, v = c.text_config, c.vision_config
+    n = sum(p.numel() for p in model.parameters())
+    return (
+        f"vocab {t.vocab_size}, LM d={t.hidden_size} x {t.num_hidden_layers} layers, {adapter.num_codes} codes, "
+        f"{adapter.image_len} codes/image, SigLIP d={v.hidden_size} x {v.num_hidden_layers} on {v.image_size} px "
+        f"({adapter.und_len} tokens), {n / 1e6:.2f}M params"
+    )
+
+
 def mem_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 if unknown): lets a bench skip cases that would not fit next to others."""
     try:

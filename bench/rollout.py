@@ -1,12 +1,17 @@
-"""Rollout throughput: the toy adapter's batched KV-cache `generate` vs transformers `model.generate`.
+"""Rollout throughput: our adapters' batched KV-cache `generate` vs transformers `model.generate`.
 
-    python bench/rollout.py                 # (B prompts, G samples) in (1,8) (4,8) (16,8) (16,16), 5 repeats
-    python bench/rollout.py --quick         # tiny shapes, 1 repeat (the smoke test)
+    python bench/rollout.py                 # both models (--model toy|janus|all), 5 repeats
+    python bench/rollout.py --quick         # one 2x2 batch per model, 1 repeat (the smoke test)
 
-Both sample the same images from the same model and prefixes: ours feeds a row's last code and its forced <eor>
-in one forward (36 forwards per image) and computes only the K=121 code logits; HF runs 42 one-token forwards
-with full-vocabulary logits, restricted by `ImageLayoutProcessor`. Greedy outputs must be identical (asserted).
-Baseline and ours run interleaved in the same process; ratios are HF seconds / our seconds.
+toy (B prompts x G samples in 1x8 4x8 16x8 16x16): both sample the same images from the same model and prefixes:
+ours feeds a row's last code and its forced <eor> in one forward (36 forwards per image) and computes only the
+K=121 code logits; HF runs 42 one-token forwards with full-vocabulary logits, restricted by `ImageLayoutProcessor`.
+janus (a tiny random Janus, _common.load_janus; same BxG): JanusUMM.generate (CFG 5, conditional and
+unconditional rows in one DynamicCache batch) vs `JanusForConditionalGeneration.generate(generation_mode="image",
+guidance_scale=5)` (static cache, generation head on both branches, ClassifierFreeGuidanceLogitsProcessor), each
+prompt repeated G times for both; sampling is plain temperature 1 (HF: top_k=0, top_p=1).
+Greedy outputs must be identical (asserted). Baseline and ours run interleaved in the same process; ratios are
+HF seconds / our seconds.
 """
 
 from __future__ import annotations
@@ -76,41 +81,58 @@ def ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed:
     return adapter.generate(model, prompts, num_samples, s, generator=torch.Generator().manual_seed(seed))
 
 
-def run(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
-    p.add_argument("--configs", default="1x8,4x8,16x8,16x16", help="comma list of BxG (prompts x samples)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
-    # the greedy check before each config's timing already runs both paths once, so no extra warmup by default
-    p.add_argument("--warmup", type=int, default=0, help="extra untimed runs per implementation before timing")
-    # 1 by default: this model is too small for intra-op parallelism, and with a second busy job on the 2 cores a
-    # 2-thread run waits at every barrier (16x8 rollout: 0.60 s at 1 thread vs 11.2 s at 2, load ~5)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--out", default=None, help="CSV path (default bench/results/rollout.csv)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.configs, args.repeats, args.warmup = "2x2", 1, 0
+JANUS_CFG = 5.0  # Janus-Pro's default guidance scale, for ours and HF alike
 
+
+def janus_hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    """JanusForConditionalGeneration.generate(generation_mode="image") on each prompt G times -> codes (B*G, L).
+
+    HF refuses num_return_sequences > 1 when greedy, so the prefixes are repeated instead (what its own
+    expansion does for sampling)."""
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    torch.manual_seed(seed)  # HF samples from the global generator
+    with torch.no_grad():
+        return model.generate(
+            prompts.gen_ids.repeat_interleave(num_samples, 0),
+            attention_mask=prompts.gen_mask.long().repeat_interleave(num_samples, 0),
+            generation_mode="image",
+            guidance_scale=JANUS_CFG,
+            **kw,
+        )
+
+
+def janus_ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    s = SamplingConfig(greedy=True, cfg_scale=JANUS_CFG) if greedy else SamplingConfig(cfg_scale=JANUS_CFG)
+    return adapter.generate(model, prompts, num_samples, s, generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    # name: (loader, default BxG list, ours, HF baseline, baseline label)
+    "toy": (C.load_toy, "1x8,4x8,16x8,16x16", ours_generate, hf_generate, "hf_generate"),
+    "janus": (C.load_janus, "1x8,4x8,16x8,16x16", janus_ours_generate, janus_hf_generate, "hf_generate(image,cfg=5)"),
+}
+
+
+def bench_model(name: str, args, info: dict) -> list[dict]:
+    """Greedy parity, then interleaved sampled timings, at every BxG for one model -> CSV rows."""
+    loader, default_configs, ours, hf, baseline = MODELS[name]
     t_start = time.perf_counter()
-    adapter, model, src = C.load_toy()
+    adapter, model, src = loader()
     prompts_all = [m["prompt"] for m in W.make_prompt_sets(0)[0]]
-    info = C.machine_info()
     rows = []
-    for spec in args.configs.split(","):
+    for spec in (args.configs or default_configs).split(","):
         B, G = (int(x) for x in spec.lower().split("x"))
         prompts = adapter.tokenize_prompts(prompts_all[:B])
         N = B * G
         # correctness first: greedy decoding must give identical tokens on this very batch
-        a = ours_generate(adapter, model, prompts, G, greedy=True)
-        b = hf_generate(adapter, model, prompts, G, greedy=True)
+        a = ours(adapter, model, prompts, G, greedy=True)
+        b = hf(adapter, model, prompts, G, greedy=True)
         equal = torch.equal(a, b)
-        assert equal, f"greedy tokens differ at B={B} G={G}: {(a != b).sum().item()} of {a.numel()}"
+        assert equal, f"{name}: greedy tokens differ at B={B} G={G}: {(a != b).sum().item()} of {a.numel()}"
         t = C.time_interleaved(
             {
-                "ours": lambda: ours_generate(adapter, model, prompts, G, greedy=False),  # noqa: B023
-                "hf_generate": lambda: hf_generate(adapter, model, prompts, G, greedy=False),  # noqa: B023
+                "ours": lambda: ours(adapter, model, prompts, G, greedy=False),  # noqa: B023
+                "hf_generate": lambda: hf(adapter, model, prompts, G, greedy=False),  # noqa: B023
             },
             warmup=args.warmup,
             repeats=args.repeats,
@@ -127,7 +149,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     "G": G,
                     "images": N,
                     "impl": impl,
-                    "baseline": "hf_generate",
+                    "baseline": baseline,
                     "seconds": t[impl],
                     "images_per_s": N / t[impl],
                     "code_tokens_per_s": N * adapter.image_len / t[impl],
@@ -137,13 +159,39 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     "quick": args.quick,
                 }
             )
+    shapes = C.janus_shapes(adapter, model) if name == "janus" else f"{adapter.image_len} codes/image"
     print(
-        f"rollout | {time.perf_counter() - t_start:.0f} s | {info['cpu']} | {info['threads']} threads | "
+        f"rollout {name} | {time.perf_counter() - t_start:.0f} s | {info['cpu']} | {info['threads']} threads | "
         f"torch {info['torch']} | transformers {info['transformers']} | {info['git_sha']} | model {src} | "
-        f"load {info['loadavg']}"
+        f"{shapes} | load {C.load_average()}"
     )
     cols = ["B", "G", "impl", "seconds", "images_per_s", "code_tokens_per_s", "speedup_vs_baseline", "loadavg"]
     print(C.table(rows, cols))
+    return rows
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
+    p.add_argument("--model", choices=["toy", "janus", "all"], default="all", help="which UMM(s) to measure")
+    p.add_argument("--configs", default=None, help="comma list of BxG (prompts x samples); default: per model")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
+    # the greedy check before each config's timing already runs both paths once, so no extra warmup by default
+    p.add_argument("--warmup", type=int, default=0, help="extra untimed runs per implementation before timing")
+    # 1 by default: this model is too small for intra-op parallelism, and with a second busy job on the 2 cores a
+    # 2-thread run waits at every barrier (16x8 rollout: 0.60 s at 1 thread vs 11.2 s at 2, load ~5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--out", default=None, help="CSV path (default bench/results/rollout.csv)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.configs, args.repeats, args.warmup = "2x2", 1, 0
+
+    info = C.machine_info()
+    rows = []
+    for name in ("toy", "janus") if args.model == "all" else (args.model,):
+        rows += bench_model(name, args, info)
     path = C.append_csv("rollout", rows, args.out)
     print(f"appended {len(rows)} rows to {path}")
     return rows

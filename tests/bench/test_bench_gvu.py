@@ -1,4 +1,5 @@
-"""Smoke tests of the GvU benches (rollout, reward, step) with --quick: rows are written, equality checks pass."""
+"""Smoke tests of the GvU benches (rollout, reward, step) with --quick: rows are written, equality checks pass.
+Rollout and reward run on the toy UMM and on a tiny random Janus (--model toy / --model janus)."""
 
 import csv
 import importlib.util
@@ -32,21 +33,36 @@ def read(path):
         return list(csv.DictReader(f))
 
 
-def test_rollout_bench_quick(tmp_path):
+@pytest.mark.parametrize("model", ["toy", "janus"])
+def test_rollout_bench_quick(tmp_path, model):
     out = tmp_path / "rollout.csv"
-    rows = load_bench("rollout").run(["--quick", "--out", str(out)])  # asserts greedy equality inside
+    rows = load_bench("rollout").run(["--quick", "--model", model, "--out", str(out)])  # asserts greedy equality
     got = read(out)
     assert len(got) == len(rows) == 2 and {r["impl"] for r in got} == {"ours", "hf_generate"}
     assert all(r["greedy_equal"] == "True" and float(r["images_per_s"]) > 0 for r in got)
     assert all(r["cpu"] and r["torch"] and r["git_sha"] and r["loadavg"] for r in got)
+    assert all(r["model"].startswith("janus_tiny") == (model == "janus") for r in got)
 
 
-def test_reward_bench_quick(tmp_path):
+@pytest.mark.parametrize("model", ["toy", "janus"])
+def test_reward_bench_quick(tmp_path, model):
     out = tmp_path / "reward.csv"
-    load_bench("reward").run(["--quick", "--out", str(out)])  # asserts the three rewards agree inside
+    load_bench("reward").run(["--quick", "--model", model, "--out", str(out)])  # asserts the three rewards agree
     got = read(out)
-    assert {r["impl"] for r in got} == {"ours", "eager_full", "official"}
+    assert len(got) == 3 and {r["impl"] for r in got} == {"ours", "eager_full", "official"}
     assert all(float(r["max_rel_diff_vs_ours"]) < 1e-4 and float(r["ms_per_image"]) > 0 for r in got)
+    assert all(r["model"].startswith("janus_tiny") == (model == "janus") for r in got)
+
+
+def test_janus_rows_keep_the_existing_csv_header(tmp_path):
+    """Janus rows go into the same columns (model name in `model`): an old CSV keeps its header and rows."""
+    out = tmp_path / "reward.csv"
+    bench = load_bench("reward")
+    bench.run(["--quick", "--model", "toy", "--out", str(out)])
+    header = out.read_text().splitlines()[0]
+    bench.run(["--quick", "--model", "janus", "--sizes", "2", "--out", str(out)])
+    assert out.read_text().splitlines()[0] == header
+    assert [r["model"].startswith("janus_tiny") for r in read(out)] == [False] * 3 + [True] * 3
 
 
 def test_step_bench_quick(tmp_path):
