@@ -8,6 +8,9 @@ Ops (namespace `gvu_kernels`), all on 2-D rows with fp32 outputs:
     token_logprobs(logits (N, V), targets (N,), T, ignore_index, return_entropy) -> logp, lse, entropy (N,)|(0,)
     linear_token_logprobs(hidden (N, D), weight (V, D), targets, bias?, T, ignore_index, return_entropy,
                           chunk_size) -> logp, lse, entropy
+    linear_token_logprobs_frozen(same arguments) -> logp, lse, entropy, cen (N, D), ent_dir (N, D)|(0, 0)
+        the forward for a frozen head (hidden needs a gradient, weight and bias do not): the backward is then
+        O(N x D) from cen = E - W[t] and ent_dir = F + H E, E = sum_j p_j W_j, F = sum_j p_j log p_j W_j
     group_advantages(rewards (M,), group_size, eps, scale, unbiased) -> (M,)
 """
 
@@ -117,6 +120,15 @@ def _register_python_side() -> None:
         out = hidden.new_empty((n,), dtype=torch.float32)
         return out, torch.empty_like(out), hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
 
+    @torch.library.register_fake(lib + "linear_token_logprobs_frozen")
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
+        n, d = hidden.shape
+        out = hidden.new_empty((n,), dtype=torch.float32)
+        ent = hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
+        cen = weight.new_empty((n, d))
+        ent_dir = weight.new_empty((n, d) if return_entropy else (0, 0))
+        return out, torch.empty_like(out), ent, cen, ent_dir
+
     @torch.library.register_fake(lib + "linear_token_logprobs_backward")
     def _(grad_logp, grad_lse, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature,
           ignore_index, chunk_size, output_mask):  # fmt: skip
@@ -162,6 +174,7 @@ def _register_python_side() -> None:
         mask = [bool(need[0]), bool(need[1]), bool(need[3]) and bias is not None]
         if not any(mask):
             return (None,) * 8
+        _check_saved_weight(weight, hidden.shape[1])
         gh, gw, gb = torch.ops.gvu_kernels.linear_token_logprobs_backward(
             g_logp, g_lse, g_ent, hidden, weight, targets, bias, lse, ent,
             ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
@@ -169,7 +182,50 @@ def _register_python_side() -> None:
         return (gh if mask[0] else None, gw if mask[1] else None, None, gb if mask[2] else None) + (None,) * 4
 
     torch.library.register_autograd(lib + "linear_token_logprobs", lin_backward, setup_context=lin_setup)
+
+    def frz_setup(ctx, inputs, output):
+        hidden, weight, targets, bias, temperature, ignore_index, _, _ = inputs
+        _, _, ent, cen, ent_dir = output
+        # hidden itself is not needed: dH depends on it only through cen / ent_dir. The weight is read only for
+        # an lse gradient (E = cen + W[t]); logp and entropy gradients never touch it.
+        ctx.save_for_backward(weight, targets, ent, cen, ent_dir)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.hidden_dtype, ctx.hidden_shape = hidden.dtype, hidden.shape
+        ctx.mark_non_differentiable(cen, ent_dir)  # backward state, not results: no gradient flows through them
+        ctx.set_materialize_grads(False)
+
+    def frz_backward(ctx, g_logp, g_lse, g_ent, _g_cen, _g_ent_dir):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        weight, targets, ent, cen, ent_dir = ctx.saved_tensors
+        g_ent = g_ent if ent.numel() else None
+        keep = (targets != ctx.ignore_index)[:, None]
+        # dH = (g_logp (W[t] - E) + g_lse E - g_ent (F + H E)) / T, in fp32; cen / ent_dir are 0 on ignored rows.
+        dh = torch.zeros(ctx.hidden_shape, dtype=torch.float32, device=cen.device)
+        if g_logp is not None:
+            dh.sub_(g_logp.float()[:, None] * cen)
+        if g_ent is not None:
+            dh.sub_(g_ent.float()[:, None] * ent_dir)
+        if g_lse is not None:
+            _check_saved_weight(weight, ctx.hidden_shape[1])
+            w_t = weight.index_select(0, torch.where(keep[:, 0], targets, 0).long())
+            dh.add_(torch.where(keep, g_lse.float()[:, None], 0.0) * (cen.float() + w_t))
+        dh.mul_(1.0 / ctx.temperature)
+        return (dh.to(ctx.hidden_dtype),) + (None,) * 7
+
+    torch.library.register_autograd(lib + "linear_token_logprobs_frozen", frz_backward, setup_context=frz_setup)
     _register_python_side.done = True
+
+
+def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
+    # ZeRO-3 frees a gathered parameter's storage (param.data = empty(0)) when its GatheredParameters block
+    # exits; a weight saved for backward then arrives here with 0 elements. Say so instead of a shape error.
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise RuntimeError(
+            f"gvu_kernels.linear_token_logprobs backward: the weight saved in forward now has shape "
+            f"{tuple(weight.shape)}, not (V, {d}); its storage was released after the forward (ZeRO-3 frees "
+            "gathered parameters): keep a copy alive for backward (gvu.models.saveable)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,13 +247,27 @@ def linear_token_logprobs_cpp(
     """hidden (N, D), weight (V, D), targets (N,) int64, bias (V,)|None -> (logp (N,) fp32, entropy|None).
 
     chunk_size None picks ~64 MiB of fp32 logits per chunk (16..256 rows); see linear_token_logprobs.cpp.
+    A frozen head (hidden requires grad, weight and bias do not, grad mode on: the LoRA/GvU case) takes
+    linear_token_logprobs_frozen, whose backward needs no logits recompute (set GVU_LINEAR_FROZEN=0 to disable).
     """
     _require()
+    if _frozen_head(hidden, weight, bias):
+        logp, _, ent, _, _ = torch.ops.gvu_kernels.linear_token_logprobs_frozen(
+            hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
+            int(chunk_size or 0),
+        )  # fmt: skip
+        return logp, (ent if return_entropy else None)
     logp, _, ent = torch.ops.gvu_kernels.linear_token_logprobs(
         hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
         int(chunk_size or 0),
     )  # fmt: skip
     return logp, (ent if return_entropy else None)
+
+
+def _frozen_head(hidden, weight, bias) -> bool:
+    if os.environ.get("GVU_LINEAR_FROZEN", "1") == "0" or not torch.is_grad_enabled() or not hidden.requires_grad:
+        return False
+    return not weight.requires_grad and not (bias is not None and bias.requires_grad)
 
 
 def group_advantages_cpp(rewards, group_size, *, eps, scale, unbiased):

@@ -75,45 +75,102 @@ int64_t default_chunk_size(int64_t N, int64_t V) {
   return std::max<int64_t>(1, std::min(c, N));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets_in,
-    const c10::optional<at::Tensor>& bias_opt, double temperature, int64_t ignore_index, bool return_entropy,
-    int64_t chunk_size) {
+namespace {
+
+// The forward of both ops. With `expected`, also the two (N, D) sums the frozen-weight backward needs:
+//   cen[n] = sum_j (p_nj - onehot(t_n)_j) W_j        = E_n - W[t_n]        (E_n = sum_j p_nj W_j)
+//   ent_dir[n] = sum_j p_nj (log p_nj + H_n) W_j     = F_n + H_n E_n       (F_n = sum_j p_nj log p_nj W_j)
+// so dH_n = (-g_logp cen + g_lse (cen + W[t]) - g_ent ent_dir) / T needs no logits. Both are formed the way the
+// recompute backward forms dH: the row kernel writes the chunk's (p - onehot) (and p (log p + H)) over the
+// logits tile (the coefficients of each row sum to zero, so the W_t - E cancellation happens inside the GEMM's
+// fp32 accumulation, not on two rounded N x D tensors), then one GEMM (n or 2n rows) x W gives them.
+struct FwdOut {
+  at::Tensor logp, lse, ent, cen, ent_dir;
+};
+
+FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets_in,
+                    const c10::optional<at::Tensor>& bias_opt, double temperature, int64_t ignore_index,
+                    bool return_entropy, int64_t chunk_size, bool expected) {
   check_inputs(hidden, weight, targets_in, bias_opt);
   TORCH_CHECK(temperature > 0, "gvu_kernels: temperature must be > 0, got ", temperature);
-  const int64_t N = hidden.size(0), V = weight.size(0);
+  const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   auto opts = hidden.options().dtype(at::kFloat);
-  at::Tensor logp = at::zeros({N}, opts), lse = at::zeros({N}, opts);
-  at::Tensor ent = at::zeros({return_entropy ? N : 0}, opts);
-  if (N == 0) return {logp, lse, ent};
+  FwdOut o;
+  o.logp = at::zeros({N}, opts);
+  o.lse = at::zeros({N}, opts);
+  o.ent = at::zeros({return_entropy ? N : 0}, opts);
+  o.cen = at::zeros({expected ? N : 0, expected ? D : 0}, weight.options());
+  o.ent_dir = at::zeros({expected && return_entropy ? N : 0, expected && return_entropy ? D : 0}, weight.options());
+  if (N == 0) return o;
   check_targets(targets.data_ptr<int64_t>(), N, V, ignore_index);
   const Rows rows = kept_rows(targets, ignore_index);
-  if (rows.n == 0) return {logp, lse, ent};
+  if (rows.n == 0) return o;
   const at::Tensor h = take(hidden, rows), t = take(targets, rows).contiguous();
   const at::Tensor bias = bias_in(bias_opt, weight);
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n) : default_chunk_size(rows.n, V);
-  at::Tensor buf = at::empty({C, V}, weight.options());
+  const bool two = expected && return_entropy;  // the chunk's p (log p + H) rows sit below its logits rows
+  at::Tensor buf = at::empty({two ? 2 * C : C, V}, weight.options());
   // Outputs of the kept rows, scattered back at the end when rows were dropped.
-  at::Tensor lp = rows.idx.defined() ? at::empty({rows.n}, opts) : logp;
-  at::Tensor ls = rows.idx.defined() ? at::empty({rows.n}, opts) : lse;
-  at::Tensor en = rows.idx.defined() && return_entropy ? at::empty({rows.n}, opts) : ent;
+  const bool scatter = rows.idx.defined();
+  at::Tensor lp = scatter ? at::empty({rows.n}, opts) : o.logp;
+  at::Tensor ls = scatter ? at::empty({rows.n}, opts) : o.lse;
+  at::Tensor en = scatter && return_entropy ? at::empty({rows.n}, opts) : o.ent;
+  at::Tensor cen = expected && scatter ? at::empty({rows.n, D}, weight.options()) : o.cen;
+  at::Tensor edir = two && scatter ? at::empty({rows.n, D}, weight.options()) : o.ent_dir;
+  at::Tensor sums = expected ? at::empty({two ? 2 * C : C, D}, weight.options()) : at::Tensor();
+  // Per-row coefficients for rows_backward: g_logp = -T gives p - onehot, g_ent = -T gives p (log p + H).
+  const at::Tensor minus_t = at::full({C}, -temperature, opts);
+  constexpr int64_t kNoIgnore = std::numeric_limits<int64_t>::min();
   const DType dt = dtype_of(weight);
   const float inv_t = static_cast<float>(1.0 / temperature);
   for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
     const int64_t n = std::min(C, rows.n - r0);
     at::Tensor L = buf.narrow(0, 0, n);
     chunk_logits(L, h.narrow(0, r0, n), weight, bias);
-    rows_forward(L.data_ptr(), dt, V, n, V, t.data_ptr<int64_t>() + r0, ignore_index, inv_t,
-                 lp.data_ptr<float>() + r0, ls.data_ptr<float>() + r0,
-                 return_entropy ? en.data_ptr<float>() + r0 : nullptr);
+    const int64_t* tr = t.data_ptr<int64_t>() + r0;
+    rows_forward(L.data_ptr(), dt, V, n, V, tr, ignore_index, inv_t, lp.data_ptr<float>() + r0,
+                 ls.data_ptr<float>() + r0, return_entropy ? en.data_ptr<float>() + r0 : nullptr);
+    if (!expected) continue;
+    const float* mt = minus_t.data_ptr<float>();
+    if (two)  // first, while the logits are intact: p (log p + H) into rows [n, 2n)
+      rows_backward(L.data_ptr(), dt, V, buf.narrow(0, n, n).data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, nullptr,
+                    nullptr, mt, ls.data_ptr<float>() + r0, en.data_ptr<float>() + r0);
+    rows_backward(L.data_ptr(), dt, V, L.data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, mt, nullptr, nullptr,
+                  ls.data_ptr<float>() + r0, nullptr);  // p - onehot, in place
+    at::Tensor S = sums.narrow(0, 0, two ? 2 * n : n);
+    at::mm_out(S, buf.narrow(0, 0, two ? 2 * n : n), weight);
+    cen.narrow(0, r0, n).copy_(S.narrow(0, 0, n));
+    if (two) edir.narrow(0, r0, n).copy_(S.narrow(0, n, n));
   }
-  if (rows.idx.defined()) {
-    logp.index_copy_(0, rows.idx, lp);
-    lse.index_copy_(0, rows.idx, ls);
-    if (return_entropy) ent.index_copy_(0, rows.idx, en);
+  if (scatter) {
+    o.logp.index_copy_(0, rows.idx, lp);
+    o.lse.index_copy_(0, rows.idx, ls);
+    if (return_entropy) o.ent.index_copy_(0, rows.idx, en);
+    if (expected) o.cen.index_copy_(0, rows.idx, cen);
+    if (two) o.ent_dir.index_copy_(0, rows.idx, edir);
   }
-  return {logp, lse, ent};
+  return o;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
+    int64_t chunk_size) {
+  FwdOut o = forward_impl(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size,
+                          false);
+  return {o.logp, o.lse, o.ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
+    int64_t chunk_size) {
+  FwdOut o = forward_impl(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size,
+                          true);
+  return {o.logp, o.lse, o.ent, o.cen, o.ent_dir};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(

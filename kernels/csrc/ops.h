@@ -21,6 +21,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
     int64_t chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
+    int64_t chunk_size);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden, const at::Tensor& weight,

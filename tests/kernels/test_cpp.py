@@ -310,6 +310,162 @@ def test_linear_bf16_weight_grad_accumulates_in_fp32():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# linear_token_logprobs with a frozen head (hidden requires grad, weight/bias do not): the no-recompute backward
+
+
+def _frozen_run(fn, h, w, b, t, w_lp, w_ent, **kw):
+    h = h.detach().clone().requires_grad_()
+    lp, ent = fn(h, w.detach(), t, bias=b.detach() if b is not None else None, **kw)
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    return lp, ent, h.grad
+
+
+def _check_frozen(h, w, b, t, chunk_size, temperature=1.0, atol=1e-5, gatol=1e-5, entropy=True):
+    n = h.shape[0]
+    w_lp = torch.randn(n)
+    w_ent = torch.randn(n) if entropy else torch.zeros(n)  # zeros: entropy unused, as with return_entropy=False
+    kw = dict(temperature=temperature, ignore_index=IGN)
+
+    def cpp(h, w, t, **k):
+        lp, ent = cpp_ops.linear_token_logprobs_cpp(h, w, t, return_entropy=entropy, chunk_size=chunk_size, **k)
+        assert "linear_token_logprobs_frozen" in lp.grad_fn.name(), f"fast path not taken: {lp.grad_fn.name()}"
+        return lp, (ent if entropy else torch.zeros_like(lp))
+
+    out = _frozen_run(cpp, h, w, b, t, w_lp, w_ent, **kw)
+    b64 = b.double() if b is not None else None
+    ref = _frozen_run(_lin_ref(torch.float64), h.double(), w.double(), b64, t, w_lp.double(), w_ent.double(), **kw)
+    same = _frozen_run(_lin_eager, h, w, b, t, w_lp, w_ent, **kw)
+    for name, o, r, s in zip(("logp", "entropy", "dH"), out, ref, same, strict=True):
+        if name == "entropy" and not entropy:
+            continue
+        assert o.dtype == s.dtype and o.shape == s.shape, name
+        _assert_close(name, o.detach(), r.detach(), s.detach(), atol if name != "dH" else gatol)
+    return [o.detach() for o in out]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("entropy", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, None])
+def test_linear_frozen_head_matches_reference(dtype, entropy, chunk_size):
+    n, d, v = 7, 16, 1001
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    # Low precision: logits of a few units, as in test_linear_low_precision. At |z| ~ 10 the fp16 GEMM's own
+    # rounding of the logits (shared with the recompute path; addmm rounds once, eager's h @ W.T + b twice)
+    # decides the forward error by luck of the draw (0.0053 vs eager's 0.0016 once).
+    sw, sb = (0.5, 1.0) if dtype == torch.float32 else (0.2, 0.1)
+    h, w = torch.randn(n, d).to(dtype), (torch.randn(v, d) * sw).to(dtype)
+    b = (torch.randn(v) * sb).to(dtype)
+    t = _targets(n, v, ignore_rows=(2, 6))  # 6: the last row, so the last chunk may hold only ignored rows
+    lp, ent, dh = _check_frozen(h, w, b, t, chunk_size, temperature=0.8, atol=tol, gatol=tol, entropy=entropy)
+    assert lp[2] == lp[6] == 0 and (dh[2] == 0).all() and (dh[6] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_frozen_head_large_vocab_confident_rows(dtype):
+    # Rows with p(target) ~ 1: dH ~ W[t] - E is a small difference of large rows (the cancellation case).
+    n, d, v = 6, 24, 50257
+    h, w = torch.randn(n, d).to(dtype), (torch.randn(v, d) * 0.3).to(dtype)
+    t = _targets(n, v)
+    h[:3] = (w[t[:3]].float() * 4).to(dtype)
+    _check_frozen(h, w, None, t, 4, temperature=1.3, atol=1e-4, gatol=1e-4)
+
+
+def test_linear_frozen_head_all_ignored_and_mixed_dtypes():
+    h, w = torch.randn(3, 32, requires_grad=True), torch.randn(500, 32)
+    lp, ent = cpp_ops.linear_token_logprobs_cpp(h, w, torch.full((3,), IGN), bias=None, temperature=1.0,
+                                                ignore_index=IGN, return_entropy=True, chunk_size=None)  # fmt: skip
+    (lp.sum() + ent.sum()).backward()
+    assert (lp == 0).all() and (ent == 0).all() and (h.grad == 0).all()
+    # fp32 hidden with a bf16 head: the op runs in the weight's dtype, the gradient comes back in hidden's.
+    h, w, t = torch.randn(5, 32), (torch.randn(500, 32) * 0.2).bfloat16(), _targets(5, 500)
+    hg = h.clone().requires_grad_()
+    lp, ent = cpp_ops.linear_token_logprobs_cpp(hg, w, t, bias=None, temperature=1.0, ignore_index=IGN,
+                                                return_entropy=True, chunk_size=2)  # fmt: skip
+    (lp.sum() + ent.sum()).backward()
+    h64 = h.double().requires_grad_()
+    lp64, ent64 = linear_token_logprobs_ref(h64, w.double(), t, return_entropy=True, upcast_dtype=torch.float64)
+    (lp64.sum() + ent64.sum()).backward()  # the reference returns fp32
+    assert hg.grad.dtype == torch.float32
+    # bf16 logits: ~2^-8 relative error on |z| of a few units
+    torch.testing.assert_close(lp.double(), lp64.detach().double(), atol=0.05, rtol=0)
+    torch.testing.assert_close(hg.grad.double(), h64.grad, atol=0.02, rtol=0.02)
+
+
+def test_linear_frozen_head_takes_the_fast_path():
+    # Behavioural, not by name: the frozen path saves no hidden and no logits, so changing hidden in place after
+    # the forward cannot break its backward (the recompute path must raise: it would recompute wrong logits).
+    n, d, v = 8, 16, 300
+    w, t, g = torch.randn(v, d), _targets(n, v, ignore_rows=(1,)), torch.randn(n)
+    h0 = torch.randn(n, d, requires_grad=True)
+    h = h0 * 1.0  # a non-leaf, so it can be changed in place
+    lp, _ = cpp_ops.linear_token_logprobs_cpp(h, w, t, bias=None, temperature=1.0, ignore_index=IGN,
+                                              return_entropy=False, chunk_size=3)  # fmt: skip
+    saved = lp.grad_fn.saved_tensors
+    assert not any(x is h or x.data_ptr() == h.data_ptr() for x in saved), "hidden saved: recompute path"
+    assert any(x.shape == (n, d) for x in saved), "no (N, D) expected-row tensor saved"
+    h.data.add_(100.0)  # .data: no version bump either way, so only a path that reads hidden sees the change
+    lp.backward(g)
+    h_ref = h0.detach().clone().requires_grad_()
+    (linear_token_logprobs_ref(h_ref, w, t) * g).sum().backward()
+    torch.testing.assert_close(h0.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
+    # The same with a trainable head takes the recompute path, which reads the changed hidden: wrong gradient.
+    h0.grad = None
+    h = h0 * 1.0
+    lp, _ = cpp_ops.linear_token_logprobs_cpp(h, w.clone().requires_grad_(), t, bias=None, temperature=1.0,
+                                              ignore_index=IGN, return_entropy=False, chunk_size=3)  # fmt: skip
+    h.data.add_(100.0)
+    lp.backward(g)
+    assert not torch.allclose(h0.grad, h_ref.grad, atol=1e-3), "the check cannot tell the two paths apart"
+
+
+def test_linear_frozen_head_lse_gradient():
+    h = torch.randn(5, 8, requires_grad=True)
+    w, b = torch.randn(40, 8), torch.randn(40)
+    t = _targets(5, 40, ignore_rows=(1,))
+    lp, lse, ent, cen, ent_dir = torch.ops.gvu_kernels.linear_token_logprobs_frozen(h, w, t, b, 0.7, IGN, True, 2)
+    assert cen.shape == ent_dir.shape == (5, 8) and (cen[1] == 0).all() and (ent_dir[1] == 0).all()
+    g = torch.randn(3, 5)
+    (lp * g[0] + lse * g[1] + ent * g[2]).sum().backward()
+    h2 = h.detach().clone().requires_grad_()
+    z = (h2 @ w.T + b) / 0.7
+    keep = t != IGN
+    lse2 = torch.where(keep, torch.logsumexp(z, -1), 0.0)
+    lp2, ent2 = linear_token_logprobs_ref(h2, w, t, bias=b, temperature=0.7, return_entropy=True)
+    (lp2 * g[0] + lse2 * g[1] + ent2 * g[2]).sum().backward()
+    torch.testing.assert_close(lse, lse2.detach())
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+
+
+# ZeRO-3 regression (the DeepSpeed toy run failed in this backward): a gathered parameter's storage is released
+# when its GatheredParameters block exits, so a weight saved for backward is empty by then. DeepSpeed does this
+# with `param.data = torch.empty(0)`; reproduced here without it.
+
+
+def test_linear_backward_after_weight_released():
+    n, d, v = 6, 8, 50
+    t, g = _targets(n, v, ignore_rows=(0,)), torch.randn(n)
+    w = torch.nn.Parameter(torch.randn(v, d))
+    h = torch.randn(n, d, requires_grad=True)
+    lp, _ = cpp_ops.linear_token_logprobs_cpp(h, w, t, bias=None, temperature=1.0, ignore_index=IGN,
+                                              return_entropy=False, chunk_size=None)  # fmt: skip
+    w.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match="ZeRO-3"):  # trainable head: a clear error, not a shape mismatch
+        lp.backward(g)
+    # Frozen head: the logp / entropy backward never reads the weight, so releasing it is harmless.
+    w = torch.nn.Parameter(torch.randn(v, d), requires_grad=False)
+    w_keep = w.detach().clone()
+    h.grad = None
+    lp, ent = cpp_ops.linear_token_logprobs_cpp(h, w, t, bias=None, temperature=1.0, ignore_index=IGN,
+                                                return_entropy=True, chunk_size=None)  # fmt: skip
+    w.data = torch.empty(0)
+    (lp * g + ent).sum().backward()
+    h2 = h.detach().clone().requires_grad_()
+    lp2, ent2 = linear_token_logprobs_ref(h2, w_keep, t, return_entropy=True)
+    (lp2 * g + ent2).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # group_advantages
 
 
@@ -367,6 +523,11 @@ def test_opcheck_linear_token_logprobs():
     args = (torch.randn(5), None, torch.randn(5), h.detach(), w.detach(), t, b.detach(), lse, ent, 0.9, IGN, 2,
             [True, True, True])  # fmt: skip
     torch.library.opcheck(ops.linear_token_logprobs_backward.default, args)
+    # The frozen-head forward: autograd w.r.t. hidden only (weight and bias frozen), with and without entropy.
+    for b_, ent in ((b.detach(), True), (None, False)):
+        torch.library.opcheck(ops.linear_token_logprobs_frozen.default, (h, w.detach(), t, b_, 0.9, IGN, ent, 2))
+    args = (h.detach().bfloat16().requires_grad_(), w.detach().bfloat16(), t, None, 1.0, IGN, True, 0)
+    torch.library.opcheck(ops.linear_token_logprobs_frozen.default, args)
 
 
 def test_opcheck_group_advantages():
