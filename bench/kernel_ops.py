@@ -1,19 +1,26 @@
 """Kernel benchmark on CPU: the C++ ops against eager, torch.compile and a TRL-style loop, in one run.
 
-    python bench/kernels.py            # full run (~10 min on 2 cores), appends to bench/results/kernels.csv
-    python bench/kernels.py --quick    # tiny shapes, a smoke test (tests/bench/test_bench_quick.py)
+    python bench/kernel_ops.py                # full run (~10 min on 2 cores), appends to bench/results/kernel_ops.csv
+    python bench/kernel_ops.py --quick        # tiny shapes, a smoke test (tests/bench/test_bench_quick.py)
+    python bench/kernel_ops.py --only linear  # only the linear_token_logprobs cases
+
+(Not bench/kernels.py: run as a script, bench/ comes first on sys.path and that name shadowed the `kernels` package.)
 
 token_logprobs, fwd (no grad: old/reference log-probs) and fwd+bwd, vs
   eager    torch.log_softmax(x.float() / T, -1).gather(...)
   compile  torch.compile of the same function (compile time excluded: it happens in the warmup)
   trl      TRL selective_log_softmax style: fp32 gather minus a logsumexp looped per sequence (bf16: a per-
            sequence log_softmax), sequences of 512 tokens
-linear_token_logprobs vs eager `hidden @ W.T` then the eager log-softmax-gather, fwd and fwd+bwd.
+linear_token_logprobs vs eager `hidden @ W.T` then the eager log-softmax-gather, fwd and fwd+bwd, twice: with a
+trainable head (hidden and weight need gradients; the C++ op recomputes logits in backward) and with a frozen head
+(only hidden needs a gradient, the RL/LoRA case; the C++ op's forward also forms E = sum_j p_j W_j per chunk, so its
+backward is O(N x D)). Eager gets the same requires_grad pattern, so it skips dW too.
 
 Time: median of repeats after a warmup. Throughput: token op in GB/s of bytes that must move (fwd reads N*V
 logits; fwd+bwd reads them twice and writes the gradient) and its share of the machine's bandwidth measured here
-(fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd, 6NDV fwd+bwd, the
-same count for every implementation although the C++ op recomputes the logits in backward: 8NDV).
+(fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd; fwd+bwd 6NDV with a
+trainable head, 4NDV frozen; the same count for every implementation although the C++ op does 8NDV trainable, as it
+recomputes the logits in backward, and 4NDV frozen, as its forward's extra p @ W GEMM replaces eager's dH GEMM).
 Peak memory: every (case, implementation) runs in a fresh subprocess; after the warmup its resident-set
 high-water mark is reset (/proc/self/clear_refs) and the peak growth over one call is recorded. It counts
 everything the call allocates and touches, outputs and gradients included; "extra" subtracts the gradient.
@@ -109,16 +116,20 @@ def _fn(op: str, impl: str):
     return torch.compile(base, dynamic=False) if impl == "compile" else base
 
 
-def _est_peak_bytes(op, impl, dtype, n, v, d=0) -> int:
+def _est_peak_bytes(op, impl, dtype, n, v, d=0, frozen=False) -> int:
     """Rough peak of fwd+bwd, to skip cases that would not fit next to other jobs on a shared machine."""
     nv, es = n * v, DT[dtype].itemsize
     if op == "linear":
-        return {"cpp": 3 * v * d * 4 + 8 * 256 * v, "eager": nv * (3 * es + 12)}[impl]
+        return {"cpp": (4 * n * d if frozen else 3 * v * d) * 4 + 8 * 256 * v, "eager": nv * (3 * es + 12)}[impl]
     return nv * es * 2 + {"cpp": 0, "eager": nv * 12, "compile": nv * 8, "trl": nv * 6}[impl]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Worker: one (case, implementation) in a fresh process
+
+
+def _modes(frozen: bool) -> tuple[str, ...]:
+    return ("fwdbwd",) if frozen else ("fwd", "fwdbwd")  # without grad a frozen head's forward is the same run
 
 
 def worker(spec: dict) -> dict:
@@ -132,9 +143,11 @@ def worker(spec: dict) -> dict:
         inputs = [torch.randn(n, v).mul_(3).to(dtype)]
     else:
         inputs = [torch.randn(n, d).to(dtype), torch.randn(v, d).mul_(d**-0.5).to(dtype)]
-    grad_bytes = sum(x.numel() * x.element_size() for x in inputs)
+    # Frozen head: only hidden gets a gradient (the weight is passed without requires_grad, to eager as well).
+    trainable = [True, not spec.get("frozen", False)]
+    grad_bytes = sum(x.numel() * x.element_size() for x, tr in zip(inputs, trainable, strict=False) if tr)
     out: dict = {}
-    for mode in ("fwd", "fwdbwd"):
+    for mode in _modes(spec.get("frozen", False)):
         if mode == "fwd":
             args = inputs
 
@@ -142,7 +155,7 @@ def worker(spec: dict) -> dict:
                 with torch.no_grad():
                     fn(*args, t)
         else:
-            args = [x.detach().requires_grad_() for x in inputs]
+            args = [x.detach().requires_grad_(tr) for x, tr in zip(inputs, trainable, strict=False)]
 
             def run(args=args):
                 for x in args:
@@ -189,7 +202,8 @@ def run_worker(spec: dict, timeout: int, in_process: bool = False) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (CI smoke test)")
-    ap.add_argument("--csv", default=os.path.join(HERE, "results", "kernels.csv"), help="CSV to append rows to")
+    ap.add_argument("--csv", default=os.path.join(HERE, "results", "kernel_ops.csv"), help="CSV to append rows to")
+    ap.add_argument("--only", choices=("token", "linear"), help="run only this op's cases")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per (case, implementation) subprocess")
@@ -214,41 +228,47 @@ def main() -> None:
 
     token_cases = TOKEN_QUICK if args.quick else TOKEN_FULL
     linear_cases = LINEAR_QUICK if args.quick else LINEAR_FULL
-    jobs = [("token", dt, n, 0, v, TOKEN_IMPLS) for dt, n, v in token_cases]
-    jobs += [("linear", dt, n, d, v, LINEAR_IMPLS) for dt, n, d, v in linear_cases]
+    # (op, dtype, N, D, V, implementations, frozen head)
+    jobs = [("token", dt, n, 0, v, TOKEN_IMPLS, False) for dt, n, v in token_cases]
+    for dt, n, d, v in linear_cases:
+        jobs += [("linear", dt, n, d, v, LINEAR_IMPLS, False), ("linear", dt, n, d, v, LINEAR_IMPLS, True)]
+    if args.only:
+        jobs = [j for j in jobs if j[0] == args.only]
     rows, verdicts = [], []
-    header = (f"{'op':<7}{'dtype':<6}{'N':>6}{'D':>6}{'V':>8} {'mode':<7}{'impl':<8}{'ms':>10}{'thruput':>14}"
+    header = (f"{'op':<14}{'dtype':<6}{'N':>6}{'D':>6}{'V':>8} {'mode':<7}{'impl':<8}{'ms':>10}{'thruput':>14}"
               f"{'%bw':>6}{'peak MB':>10}{'cpp x':>8}")  # fmt: skip
     print(header)
-    for op, dt, n, d, v, impls in jobs:
+    for op, dt, n, d, v, impls, frozen in jobs:
         res = {}
+        grads = "logits" if op == "token" else ("hidden" if frozen else "hidden+weight")
+        label = op + ("-frozen" if frozen else "")
         for impl in impls:
             if impl == "compile" and args.no_compile:
                 res[impl] = {"error": "skipped (--no-compile)"}
                 continue
-            need = _est_peak_bytes(op, impl, dt, n, v, d)
+            need = _est_peak_bytes(op, impl, dt, n, v, d, frozen)
             if need > 0.6 * mem_available_bytes():
                 res[impl] = {"error": f"skipped: needs ~{need / 2**30:.1f} GiB, too much next to other jobs"}
                 continue
-            spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats)
+            spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats, frozen=frozen)
             res[impl] = run_worker(spec, args.timeout, in_process=args.quick)
-        for mode in ("fwd", "fwdbwd"):
+        for mode in _modes(frozen):
             cpp = res["cpp"].get(mode)
             for impl in impls:
                 r = res[impl].get(mode)
                 row = dict(info, quick=args.quick, op=op, dtype=dt, N=n, D=d, V=v, T=TEMPERATURE, mode=mode,
                            impl=impl, ms="", throughput="", unit="", pct_bw="", peak_mb="", extra_mb="",
-                           cpp_speedup="", note=res[impl].get("error", ""))  # fmt: skip
+                           cpp_speedup="", note=res[impl].get("error", ""), grads=grads)  # fmt: skip
                 if r is None:
                     rows.append(row)
-                    print(f"{op:<7}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}  {row['note']}")
+                    print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}  {row['note']}")
                     continue
                 if op == "token":
                     nbytes = n * v * DT[dt].itemsize * (1 if mode == "fwd" else 3)
                     thr, unit = nbytes / r["ms"] / 1e6, "GB/s"
                     pct = 100 * thr / (bw["read_gbps"] if mode == "fwd" else bw["copy_gbps"])
                 else:
-                    flops = 2 * n * d * v * (1 if mode == "fwd" else 3)
+                    flops = 2 * n * d * v * (1 if mode == "fwd" else (2 if frozen else 3))
                     thr, unit, pct = flops / r["ms"] / 1e6, "GFLOP/s", None
                 speed = cpp["ms"] and r["ms"] / cpp["ms"] if cpp else None
                 row.update(ms=round(r["ms"], 2), throughput=round(thr, 2), unit=unit,
@@ -258,13 +278,13 @@ def main() -> None:
                 rows.append(row)
                 pct_s = "" if pct is None else f"{pct:.0f}"
                 sp_s = "" if speed is None else f"{speed:.2f}"
-                print(f"{op:<7}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}{r['ms']:>10.1f}{thr:>9.1f} {unit:<5}"
+                print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}{r['ms']:>10.1f}{thr:>9.1f} {unit:<5}"
                       f"{pct_s:>5}{r['peak'] / 2**20:>10.0f}{sp_s:>8}")  # fmt: skip
-        verdicts += _targets(op, dt, n, d, v, res)
+        verdicts += _targets(label, dt, n, d, v, res)
     print("\n# targets")
     for line in verdicts:
         print(line)
-    append_csv("kernels", rows, path=args.csv)
+    append_csv("kernel_ops", rows, path=args.csv)
     print(f"\n# {len(rows)} rows appended to {os.path.relpath(args.csv)} in {time.time() - t_start:.0f} s; "
           f"load avg at the end {machine_info()['loadavg']}")  # fmt: skip
 
