@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first: bench/kernels.py must not shadow `kernels`
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first, so `import kernels` finds the package
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
