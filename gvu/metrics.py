@@ -61,9 +61,12 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        from torch.profiler import record_function
+
         t0 = time.perf_counter()
         try:
-            yield
+            with record_function(f"gvu/{name}"):  # the phase as a named span in --train.profile traces
+                yield
         finally:
             self.times[name] += time.perf_counter() - t0
 

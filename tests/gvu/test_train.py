@@ -116,3 +116,14 @@ def test_bad_override_fails_before_anything_runs(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "grpo.loss_type must be one of" in proc.stderr
+
+
+def test_profile_writes_a_trace_with_the_phases(tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(small_overrides(tiny_ckpt, out, 5) + ["--train.profile=true"], tmp_path)
+    traces = list((out / "profile").glob("*.pt.trace.json"))
+    assert traces, "no torch.profiler trace written"
+    text = traces[0].read_text()
+    for phase in ("gvu/rollout", "gvu/reward", "gvu/backward"):
+        assert phase in text
+    assert "phase" in proc.stdout and "rollout" in proc.stdout
