@@ -78,6 +78,7 @@ class DataConfig:
     # draw each step's prompts round-robin over tags (uniform per tag, as the score averages tags) instead of
     # uniformly over prompts (which the tags with thousands of compositional variants dominate)
     balance_tags: bool = False
+    train_tags: list[str] = field(default_factory=list)  # train only on these tags ([]: all)
 
 
 @dataclass

@@ -40,6 +40,12 @@ def load_prompt_sets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             raise ConfigError(f"data.prompts={cfg.prompts!r}: file not found; give a GenEval-format .jsonl or 'shapes'")
         train = read_jsonl(path)
         evals = read_jsonl(resolve_path(cfg.eval_file)) if cfg.eval_file else []
+    if cfg.train_tags:
+        known = sorted({m.get("tag", "all") for m in train})
+        unknown = sorted(set(cfg.train_tags) - set(known))
+        if unknown:
+            raise ConfigError(f"data.train_tags has unknown tags {unknown}; the training set has {known}")
+        train = [m for m in train if m.get("tag", "all") in cfg.train_tags]
     if cfg.eval_prompts:  # an even spread over the set, so every tag stays represented
         evals = evals[:: max(1, len(evals) // cfg.eval_prompts)][: cfg.eval_prompts]
     return train, evals

@@ -46,3 +46,10 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
 def test_shapes_sets_are_disjoint():
     train, evals = load_prompt_sets(DataConfig())
     assert not {m["prompt"] for m in train} & {m["prompt"] for m in evals}
+
+
+def test_train_tags_filter_and_unknown_tag_error():
+    train, evals = load_prompt_sets(DataConfig(train_tags=["colors", "counting"]))
+    assert {m["tag"] for m in train} == {"colors", "counting"} and len({m["tag"] for m in evals}) == 11
+    with pytest.raises(ConfigError, match=r"data.train_tags has unknown tags \['colour'\]"):
+        load_prompt_sets(DataConfig(train_tags=["colour"]))
