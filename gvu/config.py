@@ -94,6 +94,7 @@ class GRPOSettings:
     adv_eps: float = 1e-4
     logprob_mode: str = "rollout"  # rollout: the distribution rollout sampled from (CFG-combined); conditional
     reward_teacher: str = "policy"  # policy: the current model scores (official GvU); reference: frozen base
+    reward_eos: bool = False  # also score the caption's end token: the prompt must describe the whole image
     micro_batch_size: int = 0  # sequences per forward/backward (whole groups); 0: the whole step at once
 
     def __post_init__(self):

@@ -26,7 +26,19 @@ def geometric_mean_reward(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def intrinsic_reward(adapter, model, images: torch.Tensor, prompts) -> torch.Tensor:
-    """R for each (image, prompt) pair: images (N, H, W, 3) uint8, prompts a PromptBatch of N -> (N,) fp32."""
-    logp, mask = adapter.prompt_logprobs(model, images, prompts)
+def intrinsic_reward(adapter, model, images: torch.Tensor, prompts, *, with_eos: bool = False) -> torch.Tensor:
+    """R for each (image, prompt) pair: images (N, H, W, 3) uint8, prompts a PromptBatch of N -> (N,) fp32.
+
+    `with_eos` also scores the end of the caption (the paper scores only the prompt's tokens): the prompt must
+    then be the whole description, which stops a policy from hedging with extra objects.
+    """
+    if with_eos:
+        try:
+            logp, mask = adapter.prompt_logprobs(model, images, prompts, with_eos=True)
+        except TypeError:
+            raise NotImplementedError(
+                f"{type(adapter).__name__}.prompt_logprobs cannot score the end token; set grpo.reward_eos=false"
+            ) from None
+    else:
+        logp, mask = adapter.prompt_logprobs(model, images, prompts)
     return geometric_mean_reward(logp, mask)

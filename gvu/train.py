@@ -175,7 +175,7 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
         frozen = g.reward_teacher == "reference" or cfg.lora.scope == "generation"
         teacher = adapter_disabled(model) if frozen else nullcontext()
         with teacher:
-            rewards = intrinsic_reward(adapter, model, images, prompts.repeat_interleave(G))  # (B*G,)
+            rewards = intrinsic_reward(adapter, model, images, prompts.repeat_interleave(G), with_eos=g.reward_eos)
     advantages = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
     with timer("ref_logprobs"), torch.no_grad():
         ref_logp = None

@@ -348,14 +348,15 @@ class ToyUMM:
 
         return torch.cat([col(self.bos), col(self.boi), self.image_layout(codes), col(self.eoi), col(self.describe)], 1)
 
-    def prompt_logprobs(self, model, images, prompts: PromptBatch):
+    def prompt_logprobs(self, model, images, prompts: PromptBatch, with_eos: bool = False):
         """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)), aligned with
         prompts.ids (left-padded); padded entries are 0.
 
         images: uint8 (N, 96, 96, 3) pixels, read back to codes. ONE teacher-forced pass of the right-padded
         understanding sequences (so a row's values do not depend on its batch); the lm_head runs only at the
-        states that predict prompt words, over the full vocabulary. The final <eos> is not scored: the reward
-        is the geometric mean over the prompt's own tokens.
+        states that predict prompt words, over the full vocabulary. With `with_eos`, one more column (N, Lp + 1)
+        holds log p(<eos> | ..., prompt): how sure the understanding is that the prompt describes the WHOLE image
+        (an image with objects the prompt does not name makes the caption go on instead of ending).
         """
         body, head = backbone_and_head(model)
         dev = prompts.ids.device
@@ -368,17 +369,29 @@ class ToyUMM:
         lens = prompts.mask.sum(1)
         # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
         col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
-        seq = torch.full((n, P + Lp), self.pad, dtype=torch.long, device=dev)
+        seq = torch.full((n, P + Lp + int(with_eos)), self.pad, dtype=torch.long, device=dev)
         seq[:, :P] = pre
         rows, cols = prompts.mask.nonzero(as_tuple=True)
         seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
+        pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
+        if with_eos:
+            ar = torch.arange(n, device=dev)
+            seq[ar, P + lens] = self.eos
+            rows, pos = torch.cat([rows, ar]), torch.cat([pos, P - 1 + lens])
+            cols, targets = (
+                torch.cat([cols, torch.full_like(ar, Lp)]),
+                torch.cat([targets, torch.full_like(ar, self.eos)]),
+            )
         h = body(input_ids=seq).last_hidden_state  # right padding: causal attention never sees the pads
-        hs = h[rows, P - 1 + col[rows, cols]]
+        hs = h[rows, pos]
         with gathered(head.weight):
-            lp = kernels.linear_token_logprobs(hs, head.weight, prompts.ids[rows, cols], bias=head.bias)
-        logp = torch.zeros((n, Lp), dtype=torch.float32, device=dev)
+            lp = kernels.linear_token_logprobs(hs, head.weight, targets, bias=head.bias)
+        logp = torch.zeros((n, Lp + int(with_eos)), dtype=torch.float32, device=dev)
         logp[rows, cols] = lp
-        return logp, prompts.mask.clone()
+        mask = prompts.mask.clone()
+        if with_eos:
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
+        return logp, mask
 
     @torch.no_grad()
     def caption(self, model, images, greedy: bool = True, max_words: int = 16, generator=None) -> list[str]:

@@ -29,7 +29,8 @@ def test_long_prompts_do_not_underflow():
     assert geometric_mean_reward(logp, torch.ones(1, 400, dtype=torch.bool)).item() == pytest.approx(math.exp(-3))
 
 
-def test_reward_equals_full_vocab_softmax_of_a_plain_forward():
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_reward_equals_full_vocab_softmax_of_a_plain_forward(with_eos):
     """Independent check of the whole path: build the understanding sequence by hand, run the HF model, softmax
     over the full vocabulary, take the prompt tokens' probabilities, geometric mean; alone and batched."""
     adapter, model = ToyUMM.new_model(seed=1)
@@ -40,9 +41,9 @@ def test_reward_equals_full_vocab_softmax_of_a_plain_forward():
     codes = np.stack([W.sample_scene(m, rng) for m in metas])
     images = W.render(codes)
     prompts = adapter.tokenize_prompts([m["prompt"] for m in metas])
-    batched = intrinsic_reward(adapter, model, torch.from_numpy(images), prompts)
+    batched = intrinsic_reward(adapter, model, torch.from_numpy(images), prompts, with_eos=with_eos)
     for i, m in enumerate(metas):
-        ids = adapter.encode_text(m["prompt"])
+        ids = adapter.encode_text(m["prompt"]) + ([adapter.eos] if with_eos else [])
         layout = adapter.image_layout(torch.from_numpy(codes[i : i + 1]))[0].tolist()
         seq = [adapter.bos, adapter.boi, *layout, adapter.eoi, adapter.describe, *ids]
         with torch.no_grad():
@@ -50,7 +51,9 @@ def test_reward_equals_full_vocab_softmax_of_a_plain_forward():
         P = len(seq) - len(ids)
         lp = torch.log_softmax(logits[P - 1 : -1], -1).gather(-1, torch.tensor(ids).unsqueeze(1)).squeeze(1)
         want = lp.mean().exp().item()
-        alone = intrinsic_reward(adapter, model, torch.from_numpy(images[i : i + 1]), prompts[i : i + 1])
+        alone = intrinsic_reward(
+            adapter, model, torch.from_numpy(images[i : i + 1]), prompts[i : i + 1], with_eos=with_eos
+        )
         assert alone.item() == pytest.approx(want, rel=1e-4)
         assert batched[i].item() == pytest.approx(want, rel=1e-4)
 
@@ -75,3 +78,23 @@ def test_shipped_model_prefers_its_own_prompt_over_a_one_word_change(kind):
     rt = intrinsic_reward(adapter, model, img, adapter.tokenize_prompts(true_p))
     rf = intrinsic_reward(adapter, model, img, adapter.tokenize_prompts(false_p))
     assert (rt > rf).float().mean().item() >= 0.8
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped toy checkpoint is not built yet")
+def test_end_token_penalises_objects_the_prompt_does_not_name():
+    """With the end token scored, adding an unnamed object to a scene lowers the reward (a hedge is not free)."""
+    adapter, model = ToyUMM.from_pretrained(str(SHIPPED))
+    rng = random.Random(2)
+    _, evals = W.make_prompt_sets(0)
+    metas = [m for m in evals if m["tag"] in ("single_object", "colors", "counting")]
+    exact, extra = [], []
+    for m in metas:
+        scene = W.sample_scene(m, rng)
+        more = scene.copy()
+        more[rng.choice([i for i in range(36) if scene[i] == 0])] = rng.randrange(1, W.NUM_CODES)
+        exact.append(scene)
+        extra.append(more)
+    prompts = adapter.tokenize_prompts([m["prompt"] for m in metas])
+    r_exact = intrinsic_reward(adapter, model, torch.from_numpy(W.render(np.stack(exact))), prompts, with_eos=True)
+    r_extra = intrinsic_reward(adapter, model, torch.from_numpy(W.render(np.stack(extra))), prompts, with_eos=True)
+    assert (r_exact > r_extra).float().mean().item() >= 0.8
