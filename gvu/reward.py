@@ -8,6 +8,8 @@ only at prompt positions (kernels.linear_token_logprobs); this module turns thos
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -33,12 +35,11 @@ def intrinsic_reward(adapter, model, images: torch.Tensor, prompts, *, with_eos:
     then be the whole description, which stops a policy from hedging with extra objects.
     """
     if with_eos:
-        try:
-            logp, mask = adapter.prompt_logprobs(model, images, prompts, with_eos=True)
-        except TypeError:
+        if "with_eos" not in inspect.signature(adapter.prompt_logprobs).parameters:
             raise NotImplementedError(
                 f"{type(adapter).__name__}.prompt_logprobs cannot score the end token; set grpo.reward_eos=false"
-            ) from None
+            )
+        logp, mask = adapter.prompt_logprobs(model, images, prompts, with_eos=True)
     else:
         logp, mask = adapter.prompt_logprobs(model, images, prompts)
     return geometric_mean_reward(logp, mask)
