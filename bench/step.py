@@ -88,7 +88,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
         ckpt, src = str(Path(tmp.name) / "toy"), "random(seed=0)"
         a, m = ToyUMM.new_model(seed=0)
         a.save_pretrained(ckpt, m)
+    # the baseline is the official reward, which scores the prompt's tokens only: ours does the same here
     over = [f"--model.path={ckpt}", f"--train.output_dir={tmp.name}/run", "--train.eval_before=false"]
+    over += ["--grpo.reward_eos=false"]
     if args.quick:
         over += ["--grpo.prompts_per_step=2", "--grpo.group_size=2"]
         args.steps, args.warmup, args.baseline_steps = 1, 0, 1
