@@ -112,7 +112,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         if i < args.baseline_steps:
             # same engine, next step's prompts: only the rollout and reward implementations differ
             fast_reward = train.intrinsic_reward
-            train.intrinsic_reward = official_reward
+            train.intrinsic_reward = lambda *a, with_eos=False, **kw: official_reward(*a, **kw)  # eos off above
             try:
                 base += timed_steps(train, engine, baseline_adapter, sampler, cfg, step, 1)
             finally:
