@@ -55,6 +55,7 @@ setup(
     version="0.1.0",
     description="GvU: GRPO for unified multimodal models, with fused log-prob kernels",
     packages=find_packages(include=["gvu", "gvu.*", "kernels", "kernels.*"]),
+    package_data={"gvu": ["assets/toy_umm/*"]},  # the shipped toy checkpoint, for non-editable installs too
     # The library is not a Python module; the empty-source Extension only gives setuptools its file name.
     ext_modules=[Extension("kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
