@@ -9,9 +9,9 @@ from pathlib import Path
 from gvu.config import ConfigError, DataConfig, resolve_path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """GenEval-format metadata: one JSON object per line with at least `prompt` (and `tag` for per-tag scores)."""
-    metas = []
+def read_jsonl_lines(path: Path) -> list[tuple[str, dict]]:
+    """(raw line, parsed dict) per non-empty line of GenEval-format metadata; errors name the file and line."""
+    rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -21,10 +21,17 @@ def read_jsonl(path: Path) -> list[dict]:
             raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one metadata object") from None
         if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
             raise ConfigError(f"{path}:{i}: each line needs a string field 'prompt' (GenEval metadata format)")
-        m.setdefault("tag", "all")
-        metas.append(m)
-    if not metas:
+        rows.append((line.strip(), m))
+    if not rows:
         raise ConfigError(f"{path}: no prompts found")
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """GenEval-format metadata: one JSON object per line with at least `prompt` (and `tag` for per-tag scores)."""
+    metas = [m for _, m in read_jsonl_lines(path)]
+    for m in metas:
+        m.setdefault("tag", "all")
     return metas
 
 

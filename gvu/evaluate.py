@@ -68,6 +68,11 @@ def generation_scores(
             per_prompt.append(float(np.mean([W.evaluate(m, c) for c in imgs])))
     if was_training:
         model.train()
+    return generation_summary(metas, per_prompt, samples_per_prompt)
+
+
+def generation_summary(metas: list[dict], per_prompt: list[float], samples_per_prompt: int) -> dict:
+    """Per-prompt accuracies (one per meta) -> the generation_scores dict (per-tag, overall, clustered stderr)."""
     mean, se, overall, overall_se = _tag_stats([m["tag"] for m in metas], per_prompt)
     return {
         "per_tag": mean,

@@ -15,32 +15,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from gvu.config import ConfigError, load_config
+from gvu.data import read_jsonl_lines
 from gvu.metrics import atomic_dir
-
-
-def read_metadata(path: Path) -> list[tuple[str, dict]]:
-    """(raw line, parsed dict) per non-empty line; the line's position is its GenEval index."""
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            meta = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg}); one JSON object per line") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-            raise ConfigError(f"{path}:{i}: each line needs a string field 'prompt'")
-        out.append((line.strip(), meta))
-    if not out:
-        raise ConfigError(f"{path}: no prompts found")
-    return out
 
 
 def is_done(folder: Path, samples: int) -> bool:
@@ -109,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples < 1 or args.batch < 1:
             raise ConfigError("--samples and --batch must be >= 1")
         cfg = load_config(args.config, rest)
-        metas = read_metadata(Path(args.metadata))
+        metas = read_jsonl_lines(Path(args.metadata))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         adapter, model = load_model(cfg, args.adapter, device)
     except (ConfigError, FileNotFoundError) as e:

@@ -406,18 +406,7 @@ def merge_generation(parts: list[dict], metas: list[dict], samples: int) -> dict
 
     world = len(parts)
     per_prompt = [parts[i % world]["per_prompt"][i // world] for i in range(len(metas))]
-    mean, se, overall, overall_se = gvu_eval._tag_stats([m["tag"] for m in metas], per_prompt)
-    return {
-        "per_tag": mean,
-        "per_tag_stderr": se,
-        "overall": overall,
-        "stderr": overall_se,
-        "n": len(metas) * samples,
-        "n_prompts": len(metas),
-        "prompts": [m["prompt"] for m in metas],
-        "tags": [m["tag"] for m in metas],
-        "per_prompt": per_prompt,
-    }
+    return gvu_eval.generation_summary(metas, per_prompt, samples)
 
 
 def merge_understanding(parts: list[dict]) -> dict:
