@@ -62,6 +62,7 @@ LINEAR_FULL = [
     ("fp32", 2048, 1024, 32000),
     ("bf16", 2048, 2048, 32000),
     ("bf16", 2048, 1024, 151936),
+    ("bf16", 8192, 2048, 32000),  # a training micro-batch's tokens (e.g. 4 x 2048), where N x V dominates
 ]
 TOKEN_QUICK = [("fp32", 64, 3000)]
 LINEAR_QUICK = [("fp32", 64, 32, 3000)]
@@ -318,6 +319,10 @@ def _targets(op, dt, n, d, v, res) -> list[str]:
         out.append(f"{shape}: peak < 1/8 of eager's ({cpp['peak'] / 2**20:.0f} vs {eager['peak'] / 2**20:.0f} MB"
                    f" = 1/{1 / max(frac, 1e-9):.1f}): {ok(frac < 1 / 8)}")  # fmt: skip
         out.append(f"{shape}: time within 1.5x eager ({slow:.2f}x): {ok(slow <= 1.5)}")
+        if cpp["grad_bytes"] > n * d * 4:  # a trainable head: the V x D gradient is an output both must hold
+            floor = cpp["grad_bytes"] / max(eager["peak"], 1)
+            out.append(f"{shape}:   (the gradients alone, {cpp['grad_bytes'] / 2**20:.0f} MB, are 1/{1 / floor:.1f} "
+                       f"of eager's peak: the bound any implementation meets at this shape)")  # fmt: skip
     return out
 
 

@@ -180,6 +180,8 @@ def run(args):
                 f"caption acc {u['caption_acc']:.3f}  ranking: {rk}",
                 flush=True,
             )
+            if args.snapshots:
+                adapter.save_pretrained(os.path.join(args.snapshots, f"step{step + 1}"), model)
     train_min = (time.time() - t0) / 60
     model.eval()
     adapter.save_pretrained(args.out, model)

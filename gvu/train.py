@@ -182,9 +182,9 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
         if g.beta > 0:
             with adapter_disabled(model):
                 ref_logp = adapter.image_logprobs(model, prompts, image_tokens, temperature=T, cfg_scale=cfg_scale)
-        old_logp = None
-        if g.updates_per_rollout > 1:
-            old_logp = adapter.image_logprobs(model, prompts, image_tokens, temperature=T, cfg_scale=cfg_scale)
+    # Updates after the first are off-policy: their old log-probs are the first update's, taken before any
+    # optimizer step (DeepSpeed steps once per update, at the last micro-batch), so no extra pass computes them.
+    old_logp: torch.Tensor | None = None
 
     model.train()
     N = image_tokens.shape[0]
@@ -192,7 +192,7 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
     mask = torch.ones_like(image_tokens, dtype=torch.bool)
     n_micro = N // micro
     acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}
-    for _ in range(g.updates_per_rollout):
+    for update in range(g.updates_per_rollout):
         for i in range(n_micro):
             rows = slice(i * micro, (i + 1) * micro)
             p_rows = slice(i * micro // G, (i + 1) * micro // G)
@@ -200,9 +200,13 @@ def train_step(engine, adapter, metas: list[dict], cfg: Config, step: int, rank:
                 logp = adapter.image_logprobs(
                     model, prompts[p_rows], image_tokens[rows], temperature=T, cfg_scale=cfg_scale
                 )
+                if update == 0 and g.updates_per_rollout > 1:
+                    if old_logp is None:
+                        old_logp = logp.new_empty((N, *logp.shape[1:]))
+                    old_logp[rows] = logp.detach()
                 loss, m = grpo_loss(
                     logp,
-                    logp.detach() if old_logp is None else old_logp[rows],
+                    logp.detach() if update == 0 else old_logp[rows],
                     advantages[rows],
                     mask[rows],
                     ref_logp=None if ref_logp is None else ref_logp[rows],

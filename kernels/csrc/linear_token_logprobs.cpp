@@ -1,11 +1,11 @@
 // linear_token_logprobs: log softmax((hidden @ weight.T + bias) / T)[target] a chunk of rows at a time.
 //
 // Forward: each chunk's logits come from one BLAS GEMM (at::mm_out / at::addmm_out into a reused buffer), then
-// the fused row pass of token_logprobs. Backward recomputes the logits tile by tile (row chunk x V-block), turns
-// each tile into grad-logits (in place for fp32), then dH += G @ W_block and dW_block += G^T @ H_chunk, both
-// accumulated in fp32. Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt
-// tokens), so they cost nothing. Peak extra memory: O(chunk * V) forward, O(chunk * 8192 + 8192 * D + N * D)
-// backward, never N x V.
+// the fused row pass of token_logprobs. Backward recomputes the logits a V-block at a time over all rows, turns
+// each tile into grad-logits in place, then dW_block = G^T @ H (one GEMM, rounded once) and dH += G @ W_block
+// (fp32 across blocks). Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt
+// tokens), so they cost nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward,
+// never N x V.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -185,10 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && has_bias;
   const auto f32 = hidden.options().dtype(at::kFloat);
   const bool w32 = weight.scalar_type() == at::kFloat;
-  // fp32 weights accumulate straight into dW; bf16/fp16 ones per V-block in fp32, copied in when the block is done.
-  at::Tensor dW = need_w ? at::zeros({V, D}, weight.options()) : at::empty({0}, weight.options());
+  // The tile loop writes every row of dW; the early returns below zero it.
+  at::Tensor dW = need_w ? at::empty({V, D}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor db32 = need_b ? at::zeros({V}, f32) : at::Tensor();
-  auto finish = [&](const at::Tensor& dH) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+  auto finish = [&](const at::Tensor& dH, bool dw_written = true) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (need_w && !dw_written) dW.zero_();
     at::Tensor db = need_b ? db32.to(bias_opt->scalar_type()) : at::empty({0}, weight.options());
     return {dH, dW, db};
   };
@@ -196,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const bool any_grad = (grad_logp.has_value() && grad_logp->defined()) ||
                         (grad_lse.has_value() && grad_lse->defined()) ||
                         (grad_entropy.has_value() && grad_entropy->defined());
-  if (N == 0 || !(need_h || need_w || need_b) || !any_grad) return finish(no_dH);
+  if (N == 0 || !(need_h || need_w || need_b) || !any_grad) return finish(no_dH, false);
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const Rows rows = kept_rows(targets, ignore_index);
-  if (rows.n == 0) return finish(no_dH);
+  if (rows.n == 0) return finish(no_dH, false);
 
   auto kept_f32 = [&](const c10::optional<at::Tensor>& g) {
     if (!g.has_value() || !g->defined()) return at::Tensor();
@@ -210,29 +211,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const at::Tensor lse = take(lse_in.to(at::kFloat), rows).contiguous();
   const at::Tensor ent = ge.defined() ? take(entropy_in.to(at::kFloat), rows).contiguous() : at::Tensor();
   const at::Tensor h = take(hidden, rows);
-  const at::Tensor hw = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type());
-  const at::Tensor h32 = need_w ? h.to(at::kFloat) : at::Tensor();  // G is fp32, so dW's GEMM runs in fp32
+  const at::Tensor hw = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type()).contiguous();
   const at::Tensor t = take(targets, rows).contiguous();
   const at::Tensor bias = bias_in(bias_opt, weight);
   const DType dt = dtype_of(weight);
   const float inv_t = static_cast<float>(1.0 / temperature);
 
-  // Tiles of (C rows) x (Vb vocab columns), V-blocks outermost. The forward's lse and entropy make every tile's
-  // grad-logits computable on its own, so each V-block's dW rows are finished (accumulated over all row chunks
-  // in fp32, then cast once) before the next block starts: fp32 accumulation without a V x D fp32 buffer
-  // (Liger users hit bf16 dW accumulation errors; a full fp32 dW is 2x the weight, 1.2 GB at 151936 x 2048).
-  // dH accumulates over V-blocks in fp32 (N x D, small).
-  constexpr int64_t kVBlock = 8192;
-  const int64_t Vb = std::min(kVBlock, V);
-  const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n)
-                                   : std::min<int64_t>(rows.n, std::clamp<int64_t>(kChunkBytes / (Vb * 8), 16, 512));
-  at::Tensor dH32 = need_h ? at::zeros({rows.n, D}, f32) : at::Tensor();
+  // Tiles of (C rows) x (Vb vocab columns), V-blocks outermost, all kept rows in one chunk unless they exceed the
+  // 64 MiB budget at Vb = 1024 (C < n only past ~32k bf16 rows, or when chunk_size asks). Per tile:
+  // L = H Wb^T (weight's dtype), G = grad-logits written over L in place (in weight's dtype, as eager autograd's
+  // grad-logits are), then
+  //   dW[block] = G^T H      one GEMM with K = all rows: fp32 accumulation inside BLAS, rounded once to the
+  //                          weight's dtype like eager's; no V x D fp32 buffer (a full fp32 dW is 2x the weight,
+  //                          1.2 GB at 151936 x 2048), and bf16/fp16 GEMMs stay on the fast AMX/AVX512-BF16 path
+  //                          (an fp32 G^T H ran at ~1/4 the rate of the bf16 GEMMs around it on this CPU);
+  //   dH32 += G Wb           fp32 accumulation across V-blocks (N x D, small).
+  // The forward's lse and entropy make every tile's grad-logits computable on its own.
+  const size_t es = weight.element_size();
+  const int64_t n = rows.n;
+  const int64_t Vb = std::min<int64_t>(V, std::clamp<int64_t>(kChunkBytes / (n * static_cast<int64_t>(es)) / 256 * 256,
+                                                         1024, 8192));
+  const int64_t C = chunk_size > 0 ? std::min(chunk_size, n)
+                                   : std::min<int64_t>(n, std::max<int64_t>(16, kChunkBytes / (Vb * es)));
+  // bf16/fp16 weights with rows over several chunks: each chunk's grad-logits stay fp32 and dW sums the chunks
+  // in an fp32 (Vb, D) accumulator (fp32 GEMM, slower), so dW is still rounded once, not once per chunk.
+  const bool split_w = need_w && !w32 && C < n;
+  at::Tensor dH32 = need_h ? at::zeros({n, D}, f32) : at::Tensor();
   at::Tensor buf = at::empty({C, Vb}, weight.options());
-  // bf16/fp16 weights: grad-logits in fp32 (for dW/db) and a copy in weight's dtype for the dH GEMM.
-  // fp32 weights: G overwrites the logits tile in place.
-  at::Tensor g32 = w32 ? buf : at::empty({C, Vb}, f32);
-  at::Tensor glow = (!w32 && need_h) ? at::empty({C, Vb}, weight.options()) : at::Tensor();
-  at::Tensor dWb32 = (need_w && !w32) ? at::empty({Vb, D}, f32) : at::Tensor();
+  // bf16/fp16: dH's per-tile partial, before its fp32 add, in slices of kDhRows rows (a C x D buffer was 32 MB,
+  // a tenth of the whole backward's extra memory, at N=8192, D=2048).
+  constexpr int64_t kDhRows = 1024;
+  at::Tensor dHpart = (need_h && !w32) ? at::empty({std::min(C, kDhRows), D}, weight.options()) : at::Tensor();
+  at::Tensor g32 = split_w ? at::empty({C, Vb}, f32) : at::Tensor();
+  at::Tensor h32 = split_w ? hw.to(at::kFloat) : at::Tensor();
+  at::Tensor dWb32 = split_w ? at::empty({Vb, D}, f32) : at::Tensor();
   at::Tensor tshift = at::empty_like(t);
   auto ptr = [](const at::Tensor& x, int64_t off) { return x.defined() ? x.data_ptr<float>() + off : nullptr; };
   // No kept row is ignored; a sentinel no target can equal, since shifted targets may be negative.
@@ -242,27 +254,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const int64_t vb = std::min(Vb, V - v0);
     const at::Tensor Wb = weight.narrow(0, v0, vb);
     const at::Tensor bb = bias.defined() ? bias.narrow(0, v0, vb) : at::Tensor();
-    at::Tensor dWb = need_w ? (w32 ? dW.narrow(0, v0, vb) : dWb32.narrow(0, 0, vb).zero_()) : at::Tensor();
+    at::Tensor dWb = need_w ? dW.narrow(0, v0, vb) : at::Tensor();
+    if (split_w) dWb32.narrow(0, 0, vb).zero_();
     at::sub_out(tshift, t, v0);  // targets relative to the block; outside [0, vb) means no one-hot here
-    for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
-      const int64_t n = std::min(C, rows.n - r0);
-      at::Tensor L = buf.narrow(0, 0, n).narrow(1, 0, vb);
-      at::Tensor G = g32.narrow(0, 0, n).narrow(1, 0, vb);
-      chunk_logits(L, hw.narrow(0, r0, n), Wb, bb);
-      rows_backward(L.data_ptr(), dt, L.stride(0), G.data_ptr(), DType::F32, G.stride(0), n, vb,
+    for (int64_t r0 = 0; r0 < n; r0 += C) {
+      const int64_t m = std::min(C, n - r0);
+      at::Tensor G = buf.narrow(0, 0, m).narrow(1, 0, vb);  // logits, then grad-logits in place
+      const at::Tensor Hc = hw.narrow(0, r0, m);
+      chunk_logits(G, Hc, Wb, bb);
+      at::Tensor G32 = split_w ? g32.narrow(0, 0, m).narrow(1, 0, vb) : G;
+      rows_backward(G.data_ptr(), dt, G.stride(0), G32.data_ptr(), split_w ? DType::F32 : dt, G32.stride(0), m, vb,
                     tshift.data_ptr<int64_t>() + r0, kNoIgnore, inv_t, ptr(gl, r0), ptr(gs, r0), ptr(ge, r0),
                     lse.data_ptr<float>() + r0, ptr(ent, r0));
+      if (split_w && need_h) G.copy_(G32);
       if (need_h) {
-        at::Tensor acc = dH32.narrow(0, r0, n);
-        if (w32)
+        at::Tensor acc = dH32.narrow(0, r0, m);
+        if (w32) {
           acc.addmm_(G, Wb);
-        else
-          acc.add_(at::mm(glow.narrow(0, 0, n).narrow(1, 0, vb).copy_(G), Wb));
+        } else {
+          for (int64_t i = 0; i < m; i += kDhRows) {
+            const int64_t k = std::min(kDhRows, m - i);
+            at::Tensor part = dHpart.narrow(0, 0, k);
+            at::mm_out(part, G.narrow(0, i, k), Wb);
+            acc.narrow(0, i, k).add_(part);
+          }
+        }
       }
-      if (need_w) dWb.addmm_(G.t(), h32.narrow(0, r0, n));
-      if (need_b) db32.narrow(0, v0, vb).add_(G.sum(0));
+      if (split_w)
+        dWb32.narrow(0, 0, vb).addmm_(G32.t(), h32.narrow(0, r0, m));
+      else if (need_w && r0 == 0)
+        at::mm_out(dWb, G.t(), Hc);
+      else if (need_w)
+        dWb.addmm_(G.t(), Hc);  // fp32 weights only: C < n accumulates straight into dW
+      if (need_b) db32.narrow(0, v0, vb).add_(G32.sum(0, false, at::kFloat));
     }
-    if (need_w && !w32) dW.narrow(0, v0, vb).copy_(dWb);
+    if (split_w) dWb.copy_(dWb32.narrow(0, 0, vb));
   }
   if (!need_h) return finish(no_dH);
   at::Tensor dHk = dH32.to(hidden.scalar_type());

@@ -60,6 +60,45 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_ckpt,
     assert not moved, f"frozen parameters that changed: {moved}"
 
 
+def test_second_update_reuses_the_first_updates_logprobs_as_old(tiny_ckpt, tmp_path, monkeypatch):
+    # updates_per_rollout=2 over 2 micro-batches: update 0 runs at the rollout's weights (DeepSpeed steps once per
+    # update), so its log-probs are update 1's old log-probs and no separate old-log-prob pass is needed.
+    from gvu import train
+    from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.metrics import PhaseTimer
+
+    cfg = load_config(
+        None,
+        small_overrides(tiny_ckpt, tmp_path, 1)
+        + ["--optim.warmup_steps=0", "--grpo.updates_per_rollout=2", "--grpo.micro_batch_size=8", "--grpo.beta=0"],
+    )
+    rank, world = train.init_distributed()
+    adapter, model = train.build_model(cfg)
+    engine = train.make_engine(model, cfg, world)
+    lora = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
+    calls, real_loss = [], train.grpo_loss
+
+    def spy(logp, old_logp, *a, **k):
+        calls.append((logp.detach().clone(), old_logp.clone(), torch.cat([p.detach().flatten() for p in lora])))
+        return real_loss(logp, old_logp, *a, **k)
+
+    monkeypatch.setattr(train, "grpo_loss", spy)
+    passes = []
+    real_lp = adapter.image_logprobs
+    monkeypatch.setattr(adapter, "image_logprobs", lambda *a, **k: passes.append(1) or real_lp(*a, **k))
+    sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
+    m = train.train_step(engine, adapter, sampler.batch(0), cfg, 0, rank, PhaseTimer())
+    assert len(calls) == 4 and len(passes) == 4, "2 updates x 2 micro-batches, and no extra old-log-prob pass"
+    w0 = calls[0][2]
+    for i in (0, 1):  # update 0: on-policy, at the rollout's weights
+        assert torch.equal(calls[i][0], calls[i][1]) and torch.equal(calls[i][2], w0)
+    for i in (2, 3):  # update 1: old = update 0's log-probs of the same rows, new ones from the stepped weights
+        assert torch.equal(calls[i][1], calls[i - 2][0])
+        assert not torch.equal(calls[i][2], w0)
+        assert not torch.allclose(calls[i][0], calls[i][1])
+    assert m["ratio"] != 1.0
+
+
 def run_train(overrides, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

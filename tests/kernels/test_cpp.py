@@ -284,8 +284,17 @@ def test_linear_low_precision(dtype):
     _check_linear(h, w, b, _targets(20, 3000, ignore_rows=(4,)), 6, atol=1e-4, gatol=1e-4)
 
 
-def test_linear_bf16_weight_grad_accumulates_in_fp32():
-    # 256 one-row chunks: bf16 accumulation of dW across chunks would round 256 times.
+def test_linear_bf16_many_rows_and_v_blocks():
+    # 2500 kept rows: dH's partials go in 1024-row slices; V=9000 spans two V-blocks (8192 + 808).
+    h, w = torch.randn(2500, 16).bfloat16(), (torch.randn(9000, 16) * 0.3).bfloat16()
+    b = (torch.randn(9000) * 0.1).bfloat16()
+    _check_linear(h, w, b, _targets(2500, 9000, ignore_rows=(5, 2400)), None, temperature=0.9, atol=1e-4, gatol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 0])
+def test_linear_bf16_weight_grad_accumulates_in_fp32(chunk_size):
+    # chunk_size 1: 256 one-row chunks, where bf16 accumulation of dW across chunks would round 256 times.
+    # chunk_size 0: the default single chunk, where dW is one bf16-input GEMM over all rows (eager's rounding).
     n, d, v = 256, 32, 64
     h = torch.randn(n, d).bfloat16()
     w = (torch.randn(v, d) * 0.3).bfloat16()
@@ -293,7 +302,7 @@ def test_linear_bf16_weight_grad_accumulates_in_fp32():
     w_lp = torch.randn(n)
     wg = w.clone().requires_grad_()
     lp, _ = cpp_ops.linear_token_logprobs_cpp(h, wg, t, bias=None, temperature=1.0, ignore_index=IGN,
-                                              return_entropy=False, chunk_size=1)  # fmt: skip
+                                              return_entropy=False, chunk_size=chunk_size)  # fmt: skip
     (lp * w_lp).sum().backward()
     w64 = w.double().requires_grad_()
     (linear_token_logprobs_ref(h.double(), w64, t, upcast_dtype=torch.float64) * w_lp.double()).sum().backward()
