@@ -1,11 +1,17 @@
-"""Colour diagnostics of the toy UMM: is the reward colour-sensitive, and what does a trained policy draw?
+"""Colour diagnostics of the toy UMM: is the reward colour-sensitive, what does a policy draw, and can it learn to?
 
     python scripts/colour_diagnostics.py                                   # the shipped base only
     python scripts/colour_diagnostics.py --adapter runs/diag-col/adapter   # + a trained LoRA adapter
+    python scripts/colour_diagnostics.py --probe                           # + the supervised probes (~2 min)
 
 (1) For held-out colour prompts: the reward of a scene drawn to the prompt vs the same scene recoloured to each
 other colour. (2) For three colour prompts, 64 samples each: objects per image and colours drawn, and the share
-of samples with more than one object (a policy that hedges draws extra objects in other colours).
+of samples with more than one object (a policy that hedges draws extra objects in other colours). (3) How much
+of the variance of the 120 image-code rows of the output head (which generation samples through) and of the
+input embeddings (which understanding reads) is explained by the code's shape, colour and size. (4) With
+--probe: supervised caption -> image fine-tuning on the `colors` tag's train prompts with correct scenes (the
+best case for any reward), as a LoRA like the trainer's, a LoRA that also adapts the head, and full
+fine-tuning, scoring colour generation on train and held-out prompts every 100 steps.
 Recreate the adapter of README "Results" with `deepspeed gvu/train.py docs/results/toy-diag-colors-only/config.yaml`.
 """
 
@@ -65,11 +71,71 @@ def samples_table(adapter, model, name: str, samples: int) -> None:
     print(f"  {name:<5} samples with more than one object: {multi / (samples * len(PROMPTS)):.0%}")
 
 
+def head_structure(model, adapter) -> None:
+    """Share of the code rows' variance (about their mean) explained by each factor's group means."""
+    rows = slice(adapter.code_offset + 1, adapter.code_offset + W.NUM_CODES)  # codes 1..120, not "empty"
+    mats = {"output head (generation)": model.lm_head.weight, "input embeddings": model.model.embed_tokens.weight}
+    attrs = [W.attrs_of(c) for c in range(1, W.NUM_CODES)]
+    print("share of the code rows' variance explained by the code's attributes")
+    for name, m in mats.items():
+        x = m.detach()[rows].double()
+        x = x - x.mean(0)
+        total = (x**2).sum()
+        shares = []
+        for k, label in enumerate(("shape", "colour", "size")):
+            keys = torch.tensor([a[k] for a in attrs])
+            between = sum((keys == v).sum() * (x[keys == v].mean(0) ** 2).sum() for v in keys.unique())
+            shares.append(f"{label} {between / total:.2f}")
+        print(f"  {name:<26} " + "  ".join(shares))
+
+
+def supervised_probe(steps: int = 300, seed: int = 0) -> None:
+    """Caption -> image NLL on the `colors` train prompts with correct scenes; colour score every 100 steps."""
+    from peft import LoraConfig, get_peft_model
+
+    from gvu.evaluate import generation_scores
+
+    train, evals = W.make_prompt_sets(0)
+    tr = [m for m in train if m["tag"] == "colors"]
+    ev = [m for m in evals if m["tag"] == "colors"]
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    variants = [
+        ("LoRA r16, lr 1.5e-3 (the trainer's)", linears, 1.5e-3),
+        ("LoRA r16 + head, lr 1.5e-3", linears + ["lm_head"], 1.5e-3),
+        ("full fine-tuning, lr 1e-3", None, 1e-3),
+    ]
+    print(f"supervised probe: {len(tr)} train / {len(ev)} held-out `colors` prompts, 16 scenes per step")
+    for name, targets, lr in variants:
+        adapter, model = ToyUMM.from_pretrained(BASE)
+        if targets:
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        rng = random.Random(seed)
+        curve = []
+        for step in range(steps + 1):
+            if step % 100 == 0:
+                a = generation_scores(adapter, model, tr[:16], samples_per_prompt=16)["overall"]
+                b = generation_scores(adapter, model, ev, samples_per_prompt=16)["overall"]
+                curve.append(f"{step}: {a:.2f}/{b:.2f}")
+            if step == steps:
+                break
+            metas = [rng.choice(tr) for _ in range(16)]
+            codes = torch.from_numpy(np.stack([W.sample_scene(m, rng) for m in metas]))
+            ids, tg = adapter.training_batch([m["prompt"] for m in metas], codes, [False] * len(metas))
+            model.train()
+            loss = adapter.training_loss(model, ids, tg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"  {name:<36} colour score train/held-out by step  " + "  ".join(curve))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", default="", help="a LoRA adapter folder (a run's adapter/) to compare with the base")
     p.add_argument("--prompts", type=int, default=10, help="held-out colour prompts in the recolour table")
     p.add_argument("--samples", type=int, default=64, help="samples per prompt in the drawing table")
+    p.add_argument("--probe", action="store_true", help="also run the supervised probes (~2 min)")
     args = p.parse_args()
     torch.set_num_threads(1)
     adapter, base = ToyUMM.from_pretrained(BASE)
@@ -81,6 +147,9 @@ def main() -> None:
 
         tuned = PeftModel.from_pretrained(ToyUMM.from_pretrained(BASE)[1], args.adapter)
         samples_table(adapter, tuned, "tuned", args.samples)
+    head_structure(base, adapter)
+    if args.probe:
+        supervised_probe()
 
 
 if __name__ == "__main__":
