@@ -8,7 +8,8 @@
 other colour. (2) For three colour prompts, 64 samples each: objects per image and colours drawn, and the share
 of samples with more than one object (a policy that hedges draws extra objects in other colours). (3) How much
 of the variance of the 120 image-code rows of the output head (which generation samples through) and of the
-input embeddings (which understanding reads) is explained by the code's shape, colour and size. (4) With
+input embeddings (which understanding reads) is explained by the code's shape, colour and size. (4) For held-out
+prompts that name no colour, how much the reward of one scene varies with its colour alone. (5) With
 --probe: supervised caption -> image fine-tuning on the `colors` tag's train prompts with correct scenes (the
 best case for any reward), as a LoRA like the trainer's, a LoRA that also adapts the head, and full
 fine-tuning, scoring colour generation on train and held-out prompts every 100 steps.
@@ -56,6 +57,35 @@ def recolour_table(adapter, model, n: int, seed: int) -> None:
         r = intrinsic_reward(adapter, model, images, adapter.tokenize_prompts([meta["prompt"]] * len(variants)))
         others = [r[c].item() for c in range(len(W.COLORS)) if c != want]
         print(f"  {meta['prompt']:<32} true {r[want].item():.3f}   recoloured {min(others):.3f}-{max(others):.3f}")
+
+
+def colour_pressure(adapter, model, seed: int = 0) -> None:
+    """For held-out prompts that name no colour: the end-token reward of one scene recoloured 10 ways. A spread
+    means GRPO groups of these prompts rank samples by colour alone, pulling each shape toward the teacher's
+    favourite colours whatever a colour prompt asks for."""
+    rng = random.Random(seed)
+    _, evals = W.make_prompt_sets(0)
+    spreads, best = [], []
+    print("reward (end token scored) of one scene recoloured to each colour, for prompts that name no colour")
+    for meta in [m for m in evals if m["tag"] in ("single_object", "two_object", "counting")]:
+        scene = W.sample_scene(meta, rng)
+        variants = []
+        for c in range(len(W.COLORS)):
+            v = scene.copy()
+            for i, code in enumerate(scene):
+                if code:
+                    s, _, z = W.attrs_of(int(code))
+                    v[i] = W.code_of(s, c, z)
+            variants.append(v)
+        images = torch.from_numpy(W.render(np.stack(variants)))
+        prompts = adapter.tokenize_prompts([meta["prompt"]] * len(variants))
+        r = intrinsic_reward(adapter, model, images, prompts, with_eos=True)
+        spreads.append((r.max() / r.min()).item())
+        best.append(W.COLORS[int(r.argmax())])
+        if len(spreads) <= 4:
+            print(f"  {meta['prompt']:<34} " + " ".join(f"{W.COLORS[c][:3]} {r[c]:.2f}" for c in range(len(r))))
+    print(f"  {len(spreads)} prompts: median max/min reward {float(np.median(spreads)):.2f}; "
+          f"favourite colours {Counter(best).most_common(4)}")  # fmt: skip
 
 
 def samples_table(adapter, model, name: str, samples: int) -> None:
@@ -148,6 +178,7 @@ def main() -> None:
         tuned = PeftModel.from_pretrained(ToyUMM.from_pretrained(BASE)[1], args.adapter)
         samples_table(adapter, tuned, "tuned", args.samples)
     head_structure(base, adapter)
+    colour_pressure(adapter, base)
     if args.probe:
         supervised_probe()
 
