@@ -38,6 +38,19 @@ BASE = "gvu/assets/toy_umm"
 PROMPTS = ["a photo of a red circle", "a photo of a blue star", "a photo of a green heart"]
 
 
+def recoloured(scene: np.ndarray) -> np.ndarray:
+    """Codes (36,) -> (10, 36): every object of the scene in colour c, for each of the ten colours."""
+    variants = []
+    for c in range(len(W.COLORS)):
+        v = scene.copy()
+        for i, code in enumerate(scene):
+            if code:
+                s, _, z = W.attrs_of(int(code))
+                v[i] = W.code_of(s, c, z)
+        variants.append(v)
+    return np.stack(variants)
+
+
 def recolour_table(adapter, model, n: int, seed: int) -> None:
     rng = random.Random(seed)
     _, evals = W.make_prompt_sets(0)
@@ -45,15 +58,8 @@ def recolour_table(adapter, model, n: int, seed: int) -> None:
     for meta in [m for m in evals if m["tag"] == "colors"][:n]:
         scene = W.sample_scene(meta, rng)
         want = W.COLORS.index(meta["include"][0]["color"])
-        variants = []
-        for c in range(len(W.COLORS)):
-            v = scene.copy()
-            for i, code in enumerate(scene):
-                if code:
-                    s, _, z = W.attrs_of(int(code))
-                    v[i] = W.code_of(s, c, z)
-            variants.append(v)
-        images = torch.from_numpy(W.render(np.stack(variants)))
+        variants = recoloured(scene)
+        images = torch.from_numpy(W.render(variants))
         r = intrinsic_reward(adapter, model, images, adapter.tokenize_prompts([meta["prompt"]] * len(variants)))
         others = [r[c].item() for c in range(len(W.COLORS)) if c != want]
         print(f"  {meta['prompt']:<32} true {r[want].item():.3f}   recoloured {min(others):.3f}-{max(others):.3f}")
@@ -69,15 +75,8 @@ def colour_pressure(adapter, model, seed: int = 0) -> None:
     print("reward (end token scored) of one scene recoloured to each colour, for prompts that name no colour")
     for meta in [m for m in evals if m["tag"] in ("single_object", "two_object", "counting")]:
         scene = W.sample_scene(meta, rng)
-        variants = []
-        for c in range(len(W.COLORS)):
-            v = scene.copy()
-            for i, code in enumerate(scene):
-                if code:
-                    s, _, z = W.attrs_of(int(code))
-                    v[i] = W.code_of(s, c, z)
-            variants.append(v)
-        images = torch.from_numpy(W.render(np.stack(variants)))
+        variants = recoloured(scene)
+        images = torch.from_numpy(W.render(variants))
         prompts = adapter.tokenize_prompts([meta["prompt"]] * len(variants))
         r = intrinsic_reward(adapter, model, images, prompts, with_eos=True)
         spreads.append((r.max() / r.min()).item())
