@@ -3,6 +3,7 @@
     python scripts/colour_diagnostics.py                                   # the shipped base only
     python scripts/colour_diagnostics.py --adapter runs/diag-col/adapter   # + a trained LoRA adapter
     python scripts/colour_diagnostics.py --probe                           # + the supervised probes (~2 min)
+    python scripts/colour_diagnostics.py --base /tmp/pt/g0.2               # another base (pretrain_toy --out)
 
 (1) For held-out colour prompts: the reward of a scene drawn to the prompt vs the same scene recoloured to each
 other colour. (2) For three colour prompts, 64 samples each: objects per image and colours drawn, and the share
@@ -118,16 +119,18 @@ def head_structure(model, adapter) -> None:
         print(f"  {name:<26} " + "  ".join(shares))
 
 
-def supervised_probe(steps: int = 300, seed: int = 0) -> None:
+def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
     """Caption -> image NLL on the `colors` train prompts with correct scenes; colour score every 100 steps."""
     from peft import LoraConfig, get_peft_model
 
+    from gvu.config import LoraConfig as TrainerLora
     from gvu.evaluate import generation_scores
 
     train, evals = W.make_prompt_sets(0)
     tr = [m for m in train if m["tag"] == "colors"]
     ev = [m for m in evals if m["tag"] == "colors"]
-    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = TrainerLora()  # the trainer's defaults: r 16, alpha 32, every Linear of the decoder
+    linears = lora.target_modules
     variants = [
         ("LoRA r16, lr 1.5e-3 (the trainer's)", linears, 1.5e-3),
         ("LoRA r16 + head, lr 1.5e-3", linears + ["lm_head"], 1.5e-3),
@@ -135,9 +138,9 @@ def supervised_probe(steps: int = 300, seed: int = 0) -> None:
     ]
     print(f"supervised probe: {len(tr)} train / {len(ev)} held-out `colors` prompts, 16 scenes per step")
     for name, targets, lr in variants:
-        adapter, model = ToyUMM.from_pretrained(BASE)
+        adapter, model = ToyUMM.from_pretrained(base)
         if targets:
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         rng = random.Random(seed)
         curve = []
@@ -161,25 +164,26 @@ def supervised_probe(steps: int = 300, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=BASE, help="the base checkpoint (a `python -m gvu.pretrain_toy --out` folder)")
     p.add_argument("--adapter", default="", help="a LoRA adapter folder (a run's adapter/) to compare with the base")
     p.add_argument("--prompts", type=int, default=10, help="held-out colour prompts in the recolour table")
     p.add_argument("--samples", type=int, default=64, help="samples per prompt in the drawing table")
     p.add_argument("--probe", action="store_true", help="also run the supervised probes (~2 min)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    adapter, base = ToyUMM.from_pretrained(BASE)
+    adapter, base = ToyUMM.from_pretrained(args.base)
     recolour_table(adapter, base, args.prompts, seed=0)
     print("what the policy draws for colour prompts (64 seeded samples each)")
     samples_table(adapter, base, "base", args.samples)
     if args.adapter:
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(ToyUMM.from_pretrained(BASE)[1], args.adapter)
+        tuned = PeftModel.from_pretrained(ToyUMM.from_pretrained(args.base)[1], args.adapter)
         samples_table(adapter, tuned, "tuned", args.samples)
     head_structure(base, adapter)
     colour_pressure(adapter, base)
     if args.probe:
-        supervised_probe()
+        supervised_probe(args.base)
 
 
 if __name__ == "__main__":
