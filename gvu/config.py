@@ -130,10 +130,17 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    # after warmup: "constant", or "cosine" from lr down to lr * min_lr_ratio at train.steps
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

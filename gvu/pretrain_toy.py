@@ -75,11 +75,61 @@ def parse_args(argv=None):
         "slowest word type to be understood",
     )
     g.add_argument("--drop-prompt", type=float, default=0.1, help="share of generation sequences without prompt")
+    g.add_argument(
+        "--head",
+        default="free",
+        choices=("free", "factorised"),
+        help="image-code rows of lm_head: 'free' learns the 120 rows independently (the shipped base); "
+        "'factorised' trains row(shape, colour, size) = S[shape] + C[colour] + Z[size], saved as a plain lm_head "
+        "weight, so each colour is one direction shared by every shape (docs/results/toy-base-factorised)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=750, help="quick evaluation every N steps (0: off)")
     g.add_argument("--final-samples", type=int, default=16, help="samples per eval prompt in the final table")
     g.add_argument("--snapshots", default="", help="directory for a checkpoint at every quick evaluation ('' off)")
     return p.parse_args(argv)
+
+
+class FactorisedCodeRows(torch.nn.Module):
+    """Parametrisation of lm_head.weight (V, D): the image-code rows become sums of attribute rows.
+
+    row(empty) = E; row(code of shape s, colour c, size z) = S[s] + C[c] + Z[z]. `attributes` is the fixed
+    one-hot matrix (K, 1 + shapes + colours + sizes) and `table` the learned attribute rows; the other rows of
+    the weight (words, specials) stay free. Removing the parametrisation leaves an ordinary (V, D) weight.
+    """
+
+    def __init__(self, offset: int, hidden: int, init: float = 0.02):
+        super().__init__()
+        n_s, n_c, n_z = len(W.SHAPES), len(W.COLORS), len(W.SIZES)
+        a = torch.zeros(W.NUM_CODES, 1 + n_s + n_c + n_z)
+        a[0, 0] = 1.0
+        for k in range(1, W.NUM_CODES):
+            s, c, z = W.attrs_of(k)
+            a[k, 1 + s] = a[k, 1 + n_s + c] = a[k, 1 + n_s + n_c + z] = 1.0
+        self.register_buffer("attributes", a)
+        self.table = torch.nn.Parameter(torch.randn(a.shape[1], hidden) * init)
+        self.offset = offset
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = self.attributes @ self.table
+        return torch.cat([weight[: self.offset], rows, weight[self.offset + W.NUM_CODES :]])
+
+
+def plain_copy(model):
+    """The model with any head parametrisation baked into an ordinary lm_head weight (for saving).
+
+    A fresh model gets the state dict: deep-copying a parametrised module shares its generated class, and
+    removing the parametrisation from the copy would strip `weight` from the original too.
+    """
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(model.lm_head):
+        return model
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    state["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    out = type(model)(model.config)
+    out.load_state_dict(state)
+    return out
 
 
 def lr_at(step: int, args) -> float:
@@ -140,6 +190,12 @@ def run(args):
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
     )
+    if args.head == "factorised":
+        from torch.nn.utils import parametrize
+
+        parametrize.register_parametrization(
+            model.lm_head, "weight", FactorisedCodeRows(adapter.code_offset, args.hidden)
+        )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"toy UMM: {n_params / 1e6:.2f}M parameters, vocab {adapter.vocab_size}; {len(train)} train / "
@@ -181,8 +237,9 @@ def run(args):
                 flush=True,
             )
             if args.snapshots:
-                adapter.save_pretrained(os.path.join(args.snapshots, f"step{step + 1}"), model)
+                adapter.save_pretrained(os.path.join(args.snapshots, f"step{step + 1}"), plain_copy(model))
     train_min = (time.time() - t0) / 60
+    model = plain_copy(model)
     model.eval()
     adapter.save_pretrained(args.out, model)
     gen = generation_scores(adapter, model, evals, samples_per_prompt=args.final_samples, seed=args.seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import socket
@@ -32,7 +33,7 @@ from gvu.config import Config, ConfigError, load_config, resolve_path
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.grpo import grpo_loss
 from gvu.metrics import MetricsWriter, PhaseTimer, atomic_dir, atomic_write_text, plot_curves, save_grid
-from gvu.models import adapter_disabled, load_umm
+from gvu.models import adapter_disabled, backbone_and_head, load_umm
 from gvu.reward import intrinsic_reward
 
 DEFAULT_CONFIG = "configs/toy.yaml"
@@ -129,6 +130,14 @@ def build_model(cfg: Config):
         model = get_peft_model(model, lcfg)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}") from None
+    _, head = backbone_and_head(model)
+    if hasattr(head, "lora_A"):
+        # log-probs apply head.weight directly (kernels.linear_token_logprobs), which a LoRA delta never reaches
+        raise ConfigError(
+            f"lora.target_modules={cfg.lora.target_modules} adapts the output head, whose weight the log-prob "
+            "kernels read directly, so the adapter would be silently ignored; adapt the decoder's layers only "
+            "(e.g. drop lm_head from lora.target_modules)"
+        )
     return adapter, model
 
 
@@ -148,9 +157,19 @@ def make_engine(model, cfg: Config, world: int):
 
 
 def lr_lambda(cfg: Config):
-    """Linear warmup over optim.warmup_steps, then constant (DESIGN: the prototype's best runs used constant lr)."""
-    w = cfg.optim.warmup_steps
-    return lambda step: min(1.0, (step + 1) / w) if w > 0 else 1.0
+    """Multiplier of optim.lr at a step: linear warmup over optim.warmup_steps, then constant (the prototype's
+    best runs used constant lr) or a cosine down to optim.min_lr_ratio at train.steps."""
+    w, n, lo = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def at(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - w) / max(1, n - w))
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return at
 
 
 # ----------------------------------------------------------------------------------------------- one step

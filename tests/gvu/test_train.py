@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gvu.config import load_config
+from gvu.config import ConfigError, load_config
 from gvu.models.toy import ToyUMM
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,3 +166,12 @@ def test_profile_writes_a_trace_with_the_phases(tiny_ckpt, tmp_path):
     for phase in ("gvu/rollout", "gvu/reward", "gvu/backward"):
         assert phase in text
     assert "phase" in proc.stdout and "rollout" in proc.stdout
+
+
+def test_lora_on_the_output_head_is_refused(tiny_ckpt, tmp_path):
+    # the log-prob kernels read lm_head.weight directly, so a LoRA on the head would be silently skipped
+    from gvu import train
+
+    cfg = load_config(None, small_overrides(tiny_ckpt, tmp_path, 1) + ["--lora.target_modules=[q_proj,lm_head]"])
+    with pytest.raises(ConfigError, match="lm_head"):
+        train.build_model(cfg)
