@@ -175,3 +175,20 @@ def test_lora_on_the_output_head_is_refused(tiny_ckpt, tmp_path):
     cfg = load_config(None, small_overrides(tiny_ckpt, tmp_path, 1) + ["--lora.target_modules=[q_proj,lm_head]"])
     with pytest.raises(ConfigError, match="lm_head"):
         train.build_model(cfg)
+
+
+def test_lr_schedule_warms_up_then_stays_constant_or_follows_the_cosine_to_its_floor():
+    from gvu import train
+
+    const = train.lr_lambda(load_config(None, ["--optim.warmup_steps=10", "--train.steps=110"]))
+    assert const(0) == pytest.approx(0.1) and const(9) == 1.0 and const(109) == 1.0
+    cos = train.lr_lambda(
+        load_config(None, ["--optim.warmup_steps=10", "--train.steps=110", "--optim.schedule=cosine"])
+    )
+    assert cos(9) == 1.0 and cos(10) == 1.0
+    assert cos(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
+    assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)  # floor: optim.min_lr_ratio
+    vals = [cos(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(None, ["--optim.schedule=linear"])
