@@ -25,7 +25,9 @@ def test_factorised_code_rows_are_sums_of_attribute_rows_and_leave_other_rows_fr
 def test_tiny_factorised_pretraining_saves_a_plain_checkpoint_with_additive_code_rows(tmp_path):
     out = tmp_path / "ckpt"
     tiny = ["--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--batch", "8"]
-    main(["--out", str(out), "--steps", "3", "--eval-every", "0", "--final-samples", "1", "--head", "factorised", *tiny])
+    main(
+        ["--out", str(out), "--steps", "3", "--eval-every", "0", "--final-samples", "1", "--head", "factorised", *tiny]
+    )
     adapter, model = ToyUMM.from_pretrained(str(out))  # a plain LlamaForCausalLM: no parametrisation left
     assert set(model.lm_head.state_dict()) == {"weight"}
     rows = model.lm_head.weight.detach()[adapter.code_offset : adapter.code_offset + W.NUM_CODES]

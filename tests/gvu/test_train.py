@@ -189,6 +189,6 @@ def test_lr_schedule_warms_up_then_stays_constant_or_follows_the_cosine_to_its_f
     assert cos(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
     assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)  # floor: optim.min_lr_ratio
     vals = [cos(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert all(a >= b for a, b in zip(vals, vals[1:], strict=False))
     with pytest.raises(ConfigError, match="optim.schedule"):
         load_config(None, ["--optim.schedule=linear"])
