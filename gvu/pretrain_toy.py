@@ -96,10 +96,13 @@ class FactorisedCodeRows(torch.nn.Module):
     row(empty) = E; row(code of shape s, colour c, size z) = S[s] + C[c] + Z[z]. `attributes` is the fixed
     one-hot matrix (K, 1 + shapes + colours + sizes) and `table` the learned attribute rows; the other rows of
     the weight (words, specials) stay free. Removing the parametrisation leaves an ordinary (V, D) weight.
+    With `residual`, the sums are added to the weight's own code rows instead (a factorised update of a
+    trained head; init 0 starts at the head itself).
     """
 
-    def __init__(self, offset: int, hidden: int, init: float = 0.02):
+    def __init__(self, offset: int, hidden: int, init: float = 0.02, residual: bool = False):
         super().__init__()
+        self.residual = residual
         n_s, n_c, n_z = len(W.SHAPES), len(W.COLORS), len(W.SIZES)
         a = torch.zeros(W.NUM_CODES, 1 + n_s + n_c + n_z)
         a[0, 0] = 1.0
@@ -111,8 +114,11 @@ class FactorisedCodeRows(torch.nn.Module):
         self.offset = offset
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        end = self.offset + W.NUM_CODES
         rows = self.attributes @ self.table
-        return torch.cat([weight[: self.offset], rows, weight[self.offset + W.NUM_CODES :]])
+        if self.residual:
+            rows = weight[self.offset : end] + rows
+        return torch.cat([weight[: self.offset], rows, weight[end:]])
 
 
 def plain_copy(model):

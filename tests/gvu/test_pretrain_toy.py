@@ -37,3 +37,15 @@ def test_tiny_factorised_pretraining_saves_a_plain_checkpoint_with_additive_code
     assert deltas[0].abs().max() > 0
     assert all(torch.allclose(x, deltas[0], atol=1e-6) for x in deltas)
     assert json.loads((out / "pretrain_eval.json").read_text())["args"]["head"] == "factorised"
+
+
+def test_residual_factorised_update_starts_at_the_head_and_moves_a_colour_for_every_shape():
+    offset, d = 3, 4
+    p = FactorisedCodeRows(offset, d, init=0.0, residual=True)
+    weight = torch.randn(offset + W.NUM_CODES, d)
+    assert torch.equal(p(weight), weight)
+    with torch.no_grad():
+        p.table[1 + len(W.SHAPES) + W.COLORS.index("green")] += 1.0  # the green row of the update
+    moved = (p(weight) - weight).abs().sum(1) > 0
+    green = [offset + W.code_of(s, W.COLORS.index("green"), z) for s in range(len(W.SHAPES)) for z in (0, 1)]
+    assert moved.nonzero().flatten().tolist() == green
