@@ -12,7 +12,7 @@ of the variance of the 120 image-code rows of the output head (which generation 
 input embeddings (which understanding reads) is explained by the code's shape, colour and size. (4) For held-out
 prompts that name no colour, how much the reward of one scene varies with its colour alone. (5) With
 --probe: supervised caption -> image fine-tuning on the `colors` tag's train prompts with correct scenes (the
-best case for any reward), as a LoRA like the trainer's, a LoRA that also adapts the head, and full
+best case for any reward), as a LoRA like the trainer's, a LoRA plus the trained head weight, and full
 fine-tuning, scoring colour generation on train and held-out prompts every 100 steps.
 Recreate the adapter of README "Results" with `deepspeed gvu/train.py docs/results/toy-diag-colors-only/config.yaml`.
 """
@@ -123,7 +123,7 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
     """Caption -> image NLL on the `colors` train prompts with correct scenes; colour score every 100 steps."""
     from peft import LoraConfig, get_peft_model
 
-    from gvu.config import LoraConfig as TrainerLora
+    from gvu.config import LoraSettings as TrainerLora
     from gvu.evaluate import generation_scores
 
     train, evals = W.make_prompt_sets(0)
@@ -131,16 +131,30 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
     ev = [m for m in evals if m["tag"] == "colors"]
     lora = TrainerLora()  # the trainer's defaults: r 16, alpha 32, every Linear of the decoder
     linears = lora.target_modules
+    # (name, LoRA targets or None for full fine-tuning, lr, train the head's weight too). The head is trained as a
+    # plain weight, not through a LoRA on lm_head: the loss reads head.weight directly, which a LoRA never reaches
+    # "factorised": the head's code rows get a trained update S[shape] + C[colour] + Z[size] (zero at the start), so
+    # a colour learned on train combinations moves every shape's row of that colour
     variants = [
-        ("LoRA r16, lr 1.5e-3 (the trainer's)", linears, 1.5e-3),
-        ("LoRA r16 + head, lr 1.5e-3", linears + ["lm_head"], 1.5e-3),
-        ("full fine-tuning, lr 1e-3", None, 1e-3),
+        ("LoRA r16, lr 1.5e-3 (the trainer's)", linears, 1.5e-3, False),
+        ("LoRA r16 + head weight, lr 1.5e-3", linears, 1.5e-3, True),
+        ("LoRA r16 + factorised head update", linears, 1.5e-3, "factorised"),
+        ("full fine-tuning, lr 1e-3", None, 1e-3, True),
     ]
     print(f"supervised probe: {len(tr)} train / {len(ev)} held-out `colors` prompts, 16 scenes per step")
-    for name, targets, lr in variants:
+    for name, targets, lr, head in variants:
         adapter, model = ToyUMM.from_pretrained(base)
         if targets:
             model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets))
+        lm_head = model.get_output_embeddings()
+        lm_head.weight.requires_grad_(head is True)
+        if head == "factorised":
+            from torch.nn.utils import parametrize
+
+            from gvu.pretrain_toy import FactorisedCodeRows
+
+            update = FactorisedCodeRows(adapter.code_offset, lm_head.weight.shape[1], init=0.0, residual=True)
+            parametrize.register_parametrization(lm_head, "weight", update)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         rng = random.Random(seed)
         curve = []
