@@ -57,10 +57,15 @@ class LoraSettings:
     # generation passes; every understanding pass (the reward, captions) runs with it disabled, so the trained
     # model's understanding is exactly the base's (a modality-specific adapter, like X-Omni's; DESIGN.md).
     scope: str = "all"
+    # "factorised" (toy UMM, ZeRO-2): also train an update of the output head's image-code rows that is a sum of
+    # shape, colour and size rows, so a colour learned on some shapes transfers to the others (README "Results")
+    image_head: str = "none"
 
     def __post_init__(self):
         if self.scope not in ("all", "generation"):
             raise ConfigError(f"lora.scope must be 'all' or 'generation', got {self.scope!r}")
+        if self.image_head not in ("none", "factorised"):
+            raise ConfigError(f"lora.image_head must be 'none' or 'factorised', got {self.image_head!r}")
         if self.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
         if not self.target_modules:

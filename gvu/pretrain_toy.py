@@ -26,7 +26,7 @@ import kernels
 from gvu import shapes_world as W
 from gvu.evaluate import format_table, generation_scores, understanding_scores
 from gvu.models import backbone_and_head
-from gvu.models.toy import ToyUMM
+from gvu.models.toy import FactorisedCodeRows, ToyUMM
 
 
 def parse_args(argv=None):
@@ -88,37 +88,6 @@ def parse_args(argv=None):
     g.add_argument("--final-samples", type=int, default=16, help="samples per eval prompt in the final table")
     g.add_argument("--snapshots", default="", help="directory for a checkpoint at every quick evaluation ('' off)")
     return p.parse_args(argv)
-
-
-class FactorisedCodeRows(torch.nn.Module):
-    """Parametrisation of lm_head.weight (V, D): the image-code rows become sums of attribute rows.
-
-    row(empty) = E; row(code of shape s, colour c, size z) = S[s] + C[c] + Z[z]. `attributes` is the fixed
-    one-hot matrix (K, 1 + shapes + colours + sizes) and `table` the learned attribute rows; the other rows of
-    the weight (words, specials) stay free. Removing the parametrisation leaves an ordinary (V, D) weight.
-    With `residual`, the sums are added to the weight's own code rows instead (a factorised update of a
-    trained head; init 0 starts at the head itself).
-    """
-
-    def __init__(self, offset: int, hidden: int, init: float = 0.02, residual: bool = False):
-        super().__init__()
-        self.residual = residual
-        n_s, n_c, n_z = len(W.SHAPES), len(W.COLORS), len(W.SIZES)
-        a = torch.zeros(W.NUM_CODES, 1 + n_s + n_c + n_z)
-        a[0, 0] = 1.0
-        for k in range(1, W.NUM_CODES):
-            s, c, z = W.attrs_of(k)
-            a[k, 1 + s] = a[k, 1 + n_s + c] = a[k, 1 + n_s + n_c + z] = 1.0
-        self.register_buffer("attributes", a)
-        self.table = torch.nn.Parameter(torch.randn(a.shape[1], hidden) * init)
-        self.offset = offset
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        end = self.offset + W.NUM_CODES
-        rows = self.attributes @ self.table
-        if self.residual:
-            rows = weight[self.offset : end] + rows
-        return torch.cat([weight[: self.offset], rows, weight[end:]])
 
 
 def plain_copy(model):

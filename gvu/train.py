@@ -33,7 +33,7 @@ from gvu.config import Config, ConfigError, load_config, resolve_path
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.grpo import grpo_loss
 from gvu.metrics import MetricsWriter, PhaseTimer, atomic_dir, atomic_write_text, plot_curves, save_grid
-from gvu.models import adapter_disabled, backbone_and_head, load_umm
+from gvu.models import adapter_disabled, backbone_and_head, load_umm, save_policy_updates
 from gvu.reward import intrinsic_reward
 
 DEFAULT_CONFIG = "configs/toy.yaml"
@@ -138,6 +138,18 @@ def build_model(cfg: Config):
             "kernels read directly, so the adapter would be silently ignored; adapt the decoder's layers only "
             "(e.g. drop lm_head from lora.target_modules)"
         )
+    if cfg.lora.image_head == "factorised":
+        if not hasattr(adapter, "add_image_head_update"):
+            raise ConfigError(
+                f"lora.image_head=factorised needs image codes with known attributes (the toy UMM); "
+                f"model.backend={cfg.model.backend!r} has none: set lora.image_head=none"
+            )
+        if deepspeed_config(cfg, 1).get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError(
+                "lora.image_head=factorised trains the output head, which ZeRO-3 partitions: use "
+                "train.deepspeed=configs/ds_zero2.json or lora.image_head=none"
+            )
+        adapter.add_image_head_update(model)
     return adapter, model
 
 
@@ -494,6 +506,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, results: dict, is_main: bo
         if is_main:
             with atomic_dir(run_dir / "adapter") as tmp:
                 engine.module.save_pretrained(str(tmp), safe_serialization=True)
+                save_policy_updates(engine.module, tmp)
                 atomic_write_text(tmp / "step.txt", f"{step}\n")
 
 

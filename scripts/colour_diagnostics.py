@@ -151,7 +151,7 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
         if head == "factorised":
             from torch.nn.utils import parametrize
 
-            from gvu.pretrain_toy import FactorisedCodeRows
+            from gvu.models.toy import FactorisedCodeRows
 
             update = FactorisedCodeRows(adapter.code_offset, lm_head.weight.shape[1], init=0.0, residual=True)
             parametrize.register_parametrization(lm_head, "weight", update)

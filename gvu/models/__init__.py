@@ -68,13 +68,66 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach().clone()
 
 
+def policy_updates(model: nn.Module) -> dict[str, nn.Module]:
+    """Trained updates outside peft's LoRA (modules flagged `policy_update`, e.g. the toy's factorised image-head
+    update, `lora.image_head`), by module name; the reference policy runs with them off."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "policy_update", False)}
+
+
+POLICY_UPDATES_FILE = "policy_updates.safetensors"
+
+
+def save_policy_updates(model: nn.Module, folder) -> None:
+    """Write the parameters of the model's policy updates next to its saved LoRA adapter (none: no file).
+
+    Reload with the same update registered on the same wrapping (e.g. `PeftModel.from_pretrained`, then
+    `ToyUMM().add_image_head_update(peft_model)`), then `load_policy_updates(peft_model, folder)`.
+    """
+    tensors = {
+        f"{name}.{k}": v.detach().contiguous().cpu()
+        for name, m in policy_updates(model).items()
+        for k, v in m.named_parameters()
+    }
+    if tensors:
+        import os
+
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(str(folder), POLICY_UPDATES_FILE))
+
+
+def load_policy_updates(model: nn.Module, folder) -> None:
+    """Load `save_policy_updates`' file into the model's (already registered) policy updates, checking names."""
+    import os
+
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(str(folder), POLICY_UPDATES_FILE))
+    params = {f"{name}.{k}": v for name, m in policy_updates(model).items() for k, v in m.named_parameters()}
+    if set(saved) != set(params):
+        raise ValueError(
+            f"{folder}/{POLICY_UPDATES_FILE} holds {sorted(saved)} but the model's policy updates are "
+            f"{sorted(params)}: register the same update on the same wrapping first (see save_policy_updates)"
+        )
+    with torch.no_grad():
+        for k, v in saved.items():
+            params[k].copy_(v)
+
+
 @contextlib.contextmanager
 def adapter_disabled(model: nn.Module):
-    """Run the reference policy: the same network with its LoRA adapter switched off."""
+    """Run the reference policy: the same network with its LoRA adapter (and any policy update) switched off."""
     m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
     if hasattr(m, "disable_adapter"):
-        with m.disable_adapter():
-            yield
+        updates = list(policy_updates(m).values())
+        for u in updates:
+            u.enabled = False
+        try:
+            with m.disable_adapter():
+                yield
+        finally:
+            for u in updates:
+                u.enabled = True
     else:
         raise TypeError(
             f"{type(m).__name__} has no LoRA adapter to disable; the reference needs a peft model "

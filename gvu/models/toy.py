@@ -100,6 +100,42 @@ def default_config(vocab_size: int, **overrides):
     return cfg
 
 
+class FactorisedCodeRows(torch.nn.Module):
+    """Parametrisation of lm_head.weight (V, D): the image-code rows become sums of attribute rows.
+
+    row(empty) = E; row(code of shape s, colour c, size z) = S[s] + C[c] + Z[z]. `attributes` is the fixed
+    one-hot matrix (K, 1 + shapes + colours + sizes) and `table` the learned attribute rows; the other rows of
+    the weight (words, specials) stay free. Removing the parametrisation leaves an ordinary (V, D) weight.
+    With `residual`, the sums are added to the weight's own code rows instead (a factorised update of a
+    trained head; init 0 starts at the head itself). `enabled = False` gives the weight back unchanged (the
+    reference policy of a trained residual update; see gvu.models.adapter_disabled).
+    """
+
+    def __init__(self, offset: int, hidden: int, init: float = 0.02, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.enabled = True
+        self.policy_update = residual  # a residual update is part of the trained policy (off in the reference)
+        n_s, n_c, n_z = len(W.SHAPES), len(W.COLORS), len(W.SIZES)
+        a = torch.zeros(W.NUM_CODES, 1 + n_s + n_c + n_z)
+        a[0, 0] = 1.0
+        for k in range(1, W.NUM_CODES):
+            s, c, z = W.attrs_of(k)
+            a[k, 1 + s] = a[k, 1 + n_s + c] = a[k, 1 + n_s + n_c + z] = 1.0
+        self.register_buffer("attributes", a)
+        self.table = torch.nn.Parameter(torch.randn(a.shape[1], hidden) * init)
+        self.offset = offset
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        end = self.offset + W.NUM_CODES
+        rows = self.attributes @ self.table
+        if self.residual:
+            rows = weight[self.offset : end] + rows
+        return torch.cat([weight[: self.offset], rows, weight[end:]])
+
+
 class ToyUMM:
     """Layout of the toy UMM (tokenizer, sequence formats, renderer); holds no weights."""
 
@@ -172,6 +208,20 @@ class ToyUMM:
         }
         with open(os.path.join(path, "world.json"), "w") as f:
             json.dump(world, f, indent=1)
+
+    def add_image_head_update(self, model) -> FactorisedCodeRows:
+        """Register a trainable factorised update of lm_head's image-code rows on `model` (zero at the start).
+
+        lm_head.weight then reads rows + S[shape] + C[colour] + Z[size] for the codes: generation-only
+        parameters in which a colour learned on some shapes moves every shape's rows of that colour.
+        """
+        from torch.nn.utils import parametrize
+
+        head = unwrap(model).get_output_embeddings()
+        update = FactorisedCodeRows(self.code_offset, head.weight.shape[1], init=0.0, residual=True)
+        update.to(dtype=head.weight.dtype, device=head.weight.device)
+        parametrize.register_parametrization(head, "weight", update)
+        return update
 
     # -------------------------------------------------------------------------------------- text, pixels
 

@@ -3,8 +3,8 @@ import json
 import torch
 
 from gvu import shapes_world as W
-from gvu.models.toy import ToyUMM
-from gvu.pretrain_toy import FactorisedCodeRows, main
+from gvu.models.toy import FactorisedCodeRows, ToyUMM
+from gvu.pretrain_toy import main
 
 
 def test_factorised_code_rows_are_sums_of_attribute_rows_and_leave_other_rows_free():

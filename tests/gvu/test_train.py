@@ -192,3 +192,56 @@ def test_lr_schedule_warms_up_then_stays_constant_or_follows_the_cosine_to_its_f
     assert all(a >= b for a, b in zip(vals, vals[1:], strict=False))
     with pytest.raises(ConfigError, match="optim.schedule"):
         load_config(None, ["--optim.schedule=linear"])
+
+
+def test_factorised_image_head_update_trains_is_off_in_the_reference_and_reloads(tiny_ckpt, tmp_path):
+    from peft import PeftModel
+
+    from gvu import train
+    from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.metrics import PhaseTimer
+    from gvu.models import adapter_disabled, load_policy_updates, policy_updates
+
+    cfg = load_config(
+        None, small_overrides(tiny_ckpt, tmp_path, 2) + ["--optim.warmup_steps=0", "--lora.image_head=factorised"]
+    )
+    rank, world = train.init_distributed()
+    adapter, model = train.build_model(cfg)
+    (update,) = policy_updates(model).values()
+    head = model.get_output_embeddings()
+    base_weight = head.parametrizations.weight.original.detach().clone()
+    engine = train.make_engine(model, cfg, world)
+    sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
+    for step in range(2):
+        train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
+    assert update.table.abs().sum() > 0, "the image-head update did not train"
+    assert torch.equal(head.parametrizations.weight.original, base_weight), "the base head must stay frozen"
+    rows = slice(adapter.code_offset, adapter.code_offset + adapter.num_codes)
+    assert not torch.equal(head.weight[rows], base_weight[rows])
+    assert torch.equal(head.weight[: adapter.code_offset], base_weight[: adapter.code_offset])  # words untouched
+    with adapter_disabled(engine):
+        assert torch.equal(head.weight, base_weight)  # the reference policy is the base's head
+    assert update.enabled
+
+    train.save_checkpoint(engine, tmp_path / "run", 2, {}, True, 1)  # what the trainer writes
+    out = tmp_path / "run" / "adapter"
+    assert (out / "policy_updates.safetensors").exists()
+    _, base = ToyUMM.from_pretrained(str(tiny_ckpt))
+    loaded = PeftModel.from_pretrained(base, str(out))
+    adapter.add_image_head_update(loaded)
+    load_policy_updates(loaded, out)
+    ids = torch.randint(0, adapter.vocab_size, (2, 12))
+    engine.module.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, engine.module(input_ids=ids).logits)
+
+
+def test_factorised_image_head_update_is_refused_under_zero3(tiny_ckpt, tmp_path):
+    from gvu import train
+
+    cfg = load_config(
+        None,
+        small_overrides(tiny_ckpt, tmp_path, 1)
+        + ["--lora.image_head=factorised", "--train.deepspeed=configs/ds_zero3.json"],
+    )
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        train.build_model(cfg)
