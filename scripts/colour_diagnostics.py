@@ -149,12 +149,7 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
         lm_head = model.get_output_embeddings()
         lm_head.weight.requires_grad_(head is True)
         if head == "factorised":
-            from torch.nn.utils import parametrize
-
-            from gvu.models.toy import FactorisedCodeRows
-
-            update = FactorisedCodeRows(adapter.code_offset, lm_head.weight.shape[1], init=0.0, residual=True)
-            parametrize.register_parametrization(lm_head, "weight", update)
+            adapter.add_image_head_update(model)  # the trainer's lora.image_head
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         rng = random.Random(seed)
         curve = []
