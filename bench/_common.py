@@ -150,7 +150,7 @@ def toy_checkpoint() -> str | None:
 
 def load_toy(seed: int = 0, **overrides):
     """(adapter, eval-mode model, source label): the shipped checkpoint, or ToyUMM.new_model(seed)."""
-    from gvu.models.toy import ToyUMM
+    from gvu.toy.backend import ToyUMM
 
     ckpt = toy_checkpoint()
     if ckpt is not None and not overrides:
@@ -168,27 +168,28 @@ JANUS_TINY_SEED = 0
 
 def janus_tiny_words() -> list[str]:
     """Every word of the shapes-world train prompts: the tiny Janus tokenizer's vocabulary (no <unk> in prompts)."""
-    from gvu import shapes_world as W
+    from gvu.toy import prompts as WP
 
-    return sorted({w for m in W.make_prompt_sets(0)[0] for w in m["prompt"].split()})
+    return sorted({w for m in WP.make_prompt_sets(0)[0] for w in m["prompt"].split()})
 
 
 def load_janus(seed: int = JANUS_TINY_SEED):
     """(JanusUMM adapter, eval-mode JanusForConditionalGeneration, source label) for a tiny random Janus.
 
-    Built offline the way tests/gvu/test_janus.py does it: gvu.models.janus.make_tiny_checkpoint writes a random
-    checkpoint (tiny_config: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px, VQ with 64 codes on a 4x4 grid)
+    Built offline the way tests/gvu/test_janus.py does it: gvu.testing.make_tiny_janus writes a random
+    checkpoint (tiny_janus_config: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px, VQ with 64 codes on a 4x4 grid)
     with a WordLevel tokenizer over the shapes-world words, then JanusUMM.from_pretrained loads it back.
     """
     import tempfile
 
     from transformers.utils import logging as hf_logging
 
-    from gvu.models.janus import JanusUMM, make_tiny_checkpoint
+    from gvu.models.janus import JanusUMM
+    from gvu.testing import make_tiny_janus
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in bench output
     with tempfile.TemporaryDirectory(prefix="gvu_bench_janus_") as tmp:
-        path = make_tiny_checkpoint(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed)
+        path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed)
         adapter, model = JanusUMM.from_pretrained(path)
         # weights may be memory-mapped from the folder about to be deleted: materialise them first
         for t in list(model.parameters()) + list(model.buffers()):

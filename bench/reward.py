@@ -11,12 +11,10 @@ R(I, T) = exp(mean_j log p(T_j | [bos][boi] image [eoi][describe], T_<j)) for ev
   log_softmax + gather + masked mean.
 - official: ANCHORS.md's `gvu_score`, one image at a time, one full forward of the whole prefix per prompt token
   (no KV cache), softmax over the full vocabulary, product of p(T_j), 1/L power.
-For the tiny random Janus (_common.load_janus) the same three run on its understanding sequence
-[bos] "<|User|>: " [boi] [image_placeholder] x 16 [eoi] "\nDescribe the image in detail.\n\n<|Assistant|>:" prompt
-with pixel_values from JanusUMM.pixel_values: ours = intrinsic_reward with the Janus adapter (SigLIP features
-spliced in, one pass, lm_head at prompt positions); eager_full and official call
-`JanusForConditionalGeneration(input_ids=..., pixel_values=...)`, so each official per-token forward also reruns
-SigLIP + aligner on the image, as a full forward of the whole prefix does.
+The baselines run any backend's rows as a plain forward takes them (backend.understanding_inputs). For the tiny
+random Janus (_common.load_janus) that is [bos] "<|User|>: " [boi] [image_placeholder] x 16 [eoi]
+"\nDescribe the image in detail.\n\n<|Assistant|>:" prompt with pixel_values, so each official per-token forward
+also reruns SigLIP + aligner on the image, as a full forward of the whole prefix does.
 All three start from uint8 pixels and must agree to fp32 tolerance (asserted). Implementations run interleaved in
 one process; ratios are baseline seconds per image / our seconds per image.
 """
@@ -32,114 +30,46 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first, so `import kerne
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-from gvu import shapes_world as W  # noqa: E402
 from gvu.reward import intrinsic_reward  # noqa: E402
-
-
-def understanding_tokens(adapter, images, prompts):
-    """Right-padded [bos][boi] image [eoi][describe] prompt: ids (N, P+Lmax), words (N, Lmax), mask (N, Lmax)."""
-    codes = adapter.encode(images)
-    n = codes.shape[0]
-    pre = torch.cat(
-        [
-            torch.tensor([[adapter.bos, adapter.boi]]).expand(n, 2),
-            adapter.image_layout(codes),
-            torch.tensor([[adapter.eoi, adapter.describe]]).expand(n, 2),
-        ],
-        1,
-    )
-    words = [row[m].tolist() for row, m in zip(prompts.ids, prompts.mask, strict=True)]
-    L = max(len(w) for w in words)
-    tgt = torch.full((n, L), adapter.pad, dtype=torch.long)
-    mask = torch.zeros((n, L), dtype=torch.bool)
-    for i, w in enumerate(words):
-        tgt[i, : len(w)] = torch.tensor(w)
-        mask[i, : len(w)] = True
-    return torch.cat([pre, tgt], 1), tgt, mask
+from gvu.toy import prompts as WP  # noqa: E402
 
 
 @torch.no_grad()
-def eager_full_reward(adapter, model, images, prompts) -> torch.Tensor:
-    """Batched pass with logits at every position over the full vocabulary -> (N,) fp32."""
-    ids, tgt, mask = understanding_tokens(adapter, images, prompts)
-    P = ids.shape[1] - tgt.shape[1]
-    logits = model(input_ids=ids).logits  # (N, P+L, V): all positions, as a plain HF forward gives
-    logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    m = mask.float()
+def eager_full_reward(backend, model, images, prompts) -> torch.Tensor:
+    """One batched HF forward of backend.understanding_inputs (logits at every position over the full vocabulary),
+    then log_softmax + gather + masked mean -> (N,) fp32."""
+    u = backend.understanding_inputs(images, prompts)
+    P = u.input_ids.shape[1] - u.targets.shape[1]
+    logits = model(input_ids=u.input_ids, **u.forward_kwargs).logits  # (N, P+L, V); right padding: causal
+    logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, u.targets.unsqueeze(-1)).squeeze(-1)
+    m = u.mask.float()
     return ((logp * m).sum(-1) / m.sum(-1)).exp()
 
 
 @torch.no_grad()
-def official_reward(adapter, model, images, prompts) -> torch.Tensor:
-    """The official GvU loop: per image, per prompt token, a full forward of the whole prefix (no cache) -> (N,)."""
-    ids, tgt, mask = understanding_tokens(adapter, images, prompts)
-    P = ids.shape[1] - tgt.shape[1]
+def official_reward(backend, model, images, prompts) -> torch.Tensor:
+    """The official GvU loop: per image, per prompt token, a full forward of the whole prefix (no cache, with the
+    image inputs again each time), softmax over the full vocabulary, product, 1/L power -> (N,)."""
+    u = backend.understanding_inputs(images, prompts)
+    P = u.input_ids.shape[1] - u.targets.shape[1]
     out = []
-    for i in range(ids.shape[0]):
-        L = int(mask[i].sum())
+    for i in range(u.input_ids.shape[0]):
+        L = int(u.mask[i].sum())
+        extra = {k: v[i : i + 1] for k, v in u.forward_kwargs.items()}
         prob = torch.ones((), dtype=torch.float32)
         for j in range(L):
-            logits = model(input_ids=ids[i : i + 1, : P + j]).logits  # the whole prefix again, every token
-            prob = prob * torch.softmax(logits[0, -1].float(), -1)[tgt[i, j]]
+            logits = model(input_ids=u.input_ids[i : i + 1, : P + j], **extra).logits  # the whole prefix again
+            prob = prob * torch.softmax(logits[0, -1].float(), -1)[u.targets[i, j]]
         out.append(prob ** (1.0 / L))
     return torch.stack(out)
 
 
-def janus_understanding_tokens(adapter, images, prompts):
-    """Janus understanding rows, right-padded, with placeholders for the image features:
-    ids (N, P+Lmax), pixel_values (N, 3, S, S), targets (N, Lmax), mask (N, Lmax)."""
-    words = [row[m].tolist() for row, m in zip(prompts.ids, prompts.mask, strict=True)]
-    L = max(len(w) for w in words)
-    pre = adapter._und_head + [adapter.image_token] * adapter.und_len + adapter._und_tail
-    n, P = len(words), len(pre)
-    ids = torch.full((n, P + L), adapter.pad, dtype=torch.long)
-    ids[:, :P] = torch.tensor(pre)
-    tgt = torch.full((n, L), adapter.pad, dtype=torch.long)
-    mask = torch.zeros((n, L), dtype=torch.bool)
-    for i, w in enumerate(words):
-        ids[i, P : P + len(w)] = tgt[i, : len(w)] = torch.tensor(w)
-        mask[i, : len(w)] = True
-    return ids, adapter.pixel_values(images, "cpu", torch.float32), tgt, mask
-
-
-@torch.no_grad()
-def janus_eager_full_reward(adapter, model, images, prompts) -> torch.Tensor:
-    """One batched HF forward (SigLIP + LM, logits at every position over the full vocabulary) -> (N,) fp32."""
-    ids, pix, tgt, mask = janus_understanding_tokens(adapter, images, prompts)
-    P = ids.shape[1] - tgt.shape[1]
-    logits = model(input_ids=ids, pixel_values=pix).logits  # (N, P+L, V); right padding: causal, no mask needed
-    logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    m = mask.float()
-    return ((logp * m).sum(-1) / m.sum(-1)).exp()
-
-
-@torch.no_grad()
-def janus_official_reward(adapter, model, images, prompts) -> torch.Tensor:
-    """The official GvU loop on Janus: per image, per prompt token, a full HF forward of the whole prefix with its
-    pixel_values (no cache), softmax over the full vocabulary, product, 1/L power -> (N,)."""
-    ids, pix, tgt, mask = janus_understanding_tokens(adapter, images, prompts)
-    P = ids.shape[1] - tgt.shape[1]
-    out = []
-    for i in range(ids.shape[0]):
-        L = int(mask[i].sum())
-        prob = torch.ones((), dtype=torch.float32)
-        for j in range(L):
-            logits = model(input_ids=ids[i : i + 1, : P + j], pixel_values=pix[i : i + 1]).logits
-            prob = prob * torch.softmax(logits[0, -1].float(), -1)[tgt[i, j]]
-        out.append(prob ** (1.0 / L))
-    return torch.stack(out)
-
-
-MODELS = {
-    # name: (loader, eager full-logits baseline, official loop)
-    "toy": (C.load_toy, eager_full_reward, official_reward),
-    "janus": (C.load_janus, janus_eager_full_reward, janus_official_reward),
-}
+MODELS = {"toy": C.load_toy, "janus": C.load_janus}
 
 
 def make_batch(adapter, n: int, seed: int = 0):
     """n random images (uint8 pixels) and n prompts from the shapes world's train set (cycled)."""
-    texts = [m["prompt"] for m in W.make_prompt_sets(0)[0]]
+    texts = [m["prompt"] for m in WP.make_prompt_sets(0)[0]]
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, adapter.num_codes, (n, adapter.image_len), generator=g)
     return adapter.decode(codes), adapter.tokenize_prompts([texts[i % len(texts)] for i in range(n)])
@@ -147,8 +77,8 @@ def make_batch(adapter, n: int, seed: int = 0):
 
 def bench_model(name: str, args, info: dict) -> list[dict]:
     """Equality of the three rewards, then interleaved timings, at every batch size for one model -> CSV rows."""
-    loader, eager_fn, official_fn = MODELS[name]
-    adapter, model, src = loader()
+    eager_fn, official_fn = eager_full_reward, official_reward
+    adapter, model, src = MODELS[name]()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         images, prompts = make_batch(adapter, n)

@@ -27,8 +27,8 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
-from gvu import shapes_world as W  # noqa: E402
 from gvu.rollout import SamplingConfig  # noqa: E402
+from gvu.toy import prompts as WP  # noqa: E402
 
 
 class ImageLayoutProcessor(LogitsProcessor):
@@ -55,7 +55,8 @@ class ImageLayoutProcessor(LogitsProcessor):
 
 def hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
     """transformers generate on the same prefixes -> codes int64 (B*G, 36), checked to be a valid layout."""
-    ids, mask = adapter._prefix(prompts.repeat_interleave(num_samples))
+    rows = prompts.repeat_interleave(num_samples)
+    ids, mask = rows.gen_ids, rows.gen_mask.long()
     proc = LogitsProcessorList([ImageLayoutProcessor(adapter, ids.shape[1])])
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     torch.manual_seed(seed)  # HF samples from the global generator
@@ -118,7 +119,7 @@ def bench_model(name: str, args, info: dict) -> list[dict]:
     loader, default_configs, ours, hf, baseline = MODELS[name]
     t_start = time.perf_counter()
     adapter, model, src = loader()
-    prompts_all = [m["prompt"] for m in W.make_prompt_sets(0)[0]]
+    prompts_all = [m["prompt"] for m in WP.make_prompt_sets(0)[0]]
     rows = []
     for spec in (args.configs or default_configs).split(","):
         B, G = (int(x) for x in spec.lower().split("x"))

@@ -76,10 +76,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
     from reward import official_reward
 
+    from gvu import engine as E
     from gvu import train
     from gvu.config import load_config
     from gvu.data import PromptSampler, load_prompt_sets
-    from gvu.models.toy import ToyUMM
+    from gvu.toy.backend import ToyUMM
 
     tmp = tempfile.TemporaryDirectory(prefix="gvu-bench-step-")
     ckpt = C.toy_checkpoint()
@@ -95,10 +96,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
         over += ["--grpo.prompts_per_step=2", "--grpo.group_size=2"]
         args.steps, args.warmup, args.baseline_steps = 1, 0, 1
     cfg = load_config(C.REPO / "configs" / "toy.yaml", over)
-    rank, world = train.init_distributed()
+    rank, world = E.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    adapter, model = train.build_model(cfg)
-    engine = train.make_engine(model, cfg, world)
+    adapter, model = E.build(cfg)
+    engine = E.make_engine(model, cfg, world)
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, cfg.data.seed, rank, world)
 
     timed_steps(train, engine, adapter, sampler, cfg, 0, args.warmup)

@@ -1,11 +1,14 @@
 """Typed run configuration: nested dataclasses <- one YAML file per experiment <- `--section.field=value` overrides.
 
-Every check names the field and how to fix it; the resolved config is saved next to every run.
+Every field carries its help (`python gvu/train.py --help` lists them). Loading collects every type and value
+problem of the file and the overrides at once; the checks that need more than one section, the files or the
+backend run in gvu/validate.py, before anything starts. The resolved config is saved next to every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -13,166 +16,214 @@ from pathlib import Path
 
 import yaml
 
-from gvu.rollout import SamplingConfig
-
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = Path(__file__).resolve().parent
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-LOGPROB_MODES = ("rollout", "conditional")
-TEACHERS = ("policy", "reference")
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the field and the fix."""
+    """Bad configuration: one or more problems, each naming the field (or file and line) and the fix."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values, checked at load time)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    backend: str = "toy"  # toy | janus
-    path: str = "gvu/assets/toy_umm"  # checkpoint folder; relative paths resolve against the repo, then the cwd
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when flash-attn is installed)
-    gradient_checkpointing: bool = False
-    max_rows: int = 0  # janus: rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once
-    instruction: str = "Describe the image in detail."  # janus: the user text of the reward's understanding turn
+    backend: str = opt("toy", "registered backend name (gvu.models.backend_names(): toy, janus)")
+    path: str = opt("gvu/assets/toy_umm", "checkpoint folder (relative: the cwd, then the repo), or a cached hub id")
+    dtype: str = opt("float32", "weights and activations dtype", ("float32", "bfloat16", "float16"))
+    attn_implementation: str = opt(
+        "sdpa", "transformers attention; flash_attention_2 falls back to sdpa without flash-attn",
+        ("sdpa", "eager", "flash_attention_2"),
+    )  # fmt: skip
+    gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in backward (less memory)")
+    max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once")
+    instruction: str = opt("Describe the image in detail.", "janus: the user text of the reward's understanding turn")
 
-    def __post_init__(self):
-        if self.backend not in ("toy", "janus"):
-            raise ConfigError(f"model.backend must be 'toy' or 'janus', got {self.backend!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    def problems(self) -> list[str]:
+        return ["model.max_rows must be >= 0"] if self.max_rows < 0 else []
 
 
 @dataclass
 class LoraSettings:
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear layer names to adapt (a backend may narrow them to its language model)",
+    )
+    scope: str = opt(
+        "all",
+        "all: one adapter for both directions (the paper); generation: the adapter runs only in generation passes, "
+        "so the reward and every understanding pass are the base's",
+        ("all", "generation"),
+    )
+    image_head: str = opt(
+        "none",
+        "factorised: also train an update of the head's image-code rows as shape + colour + size rows (toy, ZeRO-2)",
+        ("none", "factorised"),
     )
 
-    # "all": one adapter for both directions (the paper's setup). "generation": the adapter runs only in
-    # generation passes; every understanding pass (the reward, captions) runs with it disabled, so the trained
-    # model's understanding is exactly the base's (a modality-specific adapter, like X-Omni's; DESIGN.md).
-    scope: str = "all"
-    # "factorised" (toy UMM, ZeRO-2): also train an update of the output head's image-code rows that is a sum of
-    # shape, colour and size rows, so a colour learned on some shapes transfers to the others (README "Results")
-    image_head: str = "none"
-
-    def __post_init__(self):
-        if self.scope not in ("all", "generation"):
-            raise ConfigError(f"lora.scope must be 'all' or 'generation', got {self.scope!r}")
-        if self.image_head not in ("none", "factorised"):
-            raise ConfigError(f"lora.image_head must be 'none' or 'factorised', got {self.image_head!r}")
+    def problems(self) -> list[str]:
+        out = []
         if self.r < 1:
-            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+            out.append(f"lora.r must be >= 1, got {self.r}")
         if not self.target_modules:
-            raise ConfigError(
-                "lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]"
+            out.append("lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]")
+        if "lm_head" in self.target_modules:
+            out.append(
+                "lora.target_modules names lm_head, whose weight the log-prob kernels read directly, so the adapter "
+                "would be silently ignored; adapt the decoder's layers only"
             )
+        return out
 
 
 @dataclass
 class DataConfig:
-    prompts: str = "shapes"  # "shapes": the toy world's generated sets; or a GenEval-format .jsonl path
-    eval_file: str = ""  # held-out GenEval-format .jsonl when prompts is a file ("" : no held-out evaluation)
-    seed: int = 0
-    eval_prompts: int = 0  # 0: the whole held-out set; N: N prompts spread evenly over it
-    # draw each step's prompts round-robin over tags (uniform per tag, as the score averages tags) instead of
-    # uniformly over prompts (which the tags with thousands of compositional variants dominate)
-    balance_tags: bool = False
-    train_tags: list[str] = field(default_factory=list)  # train only on these tags ([]: all)
+    prompts: str = opt("shapes", "'shapes' (the toy world's generated sets) or a GenEval-format .jsonl of prompts")
+    eval_file: str = opt("", "held-out GenEval-format .jsonl when prompts is a file ('': no held-out evaluation)")
+    seed: int = opt(0, "seed of the prompt sets and of the sampler's order")
+    eval_prompts: int = opt(0, "0: the whole held-out set; N: N prompts spread evenly over it")
+    balance_tags: bool = opt(False, "draw each step's prompts round-robin over tags instead of uniformly")
+    train_tags: list[str] = opt([], "train only on these tags ([]: all)")
+
+    def problems(self) -> list[str]:
+        return ["data.eval_prompts must be >= 0"] if self.eval_prompts < 0 else []
+
+
+@dataclass
+class SamplingConfig:
+    """How image tokens are drawn (rollout and evaluation). `cfg_scale` 1.0 means no classifier-free guidance."""
+
+    temperature: float = opt(1.0, "softmax temperature of rollout (use greedy for argmax)")
+    top_k: int = opt(0, "keep the k most likely codes; 0: off")
+    top_p: float = opt(1.0, "nucleus sampling mass; 1.0: off")
+    min_p: float = opt(0.0, "drop codes below min_p x the top probability; 0.0: off")
+    cfg_scale: float = opt(1.0, "classifier-free guidance scale; 1.0: off")
+    greedy: bool = opt(False, "argmax instead of sampling")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.temperature <= 0:
+            out.append(
+                f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}"
+            )
+        if self.top_k < 0:
+            out.append(f"sampling.top_k must be >= 0 (0 disables it); got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"sampling.top_p must be in (0, 1]; got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            out.append(f"sampling.min_p must be in [0, 1); got {self.min_p}")
+        if self.cfg_scale < 1:
+            out.append(f"sampling.cfg_scale must be >= 1 (1 disables guidance); got {self.cfg_scale}")
+        return out
 
 
 @dataclass
 class GRPOSettings:
-    prompts_per_step: int = 16  # B
-    group_size: int = 8  # G samples per prompt
-    beta: float = 0.04  # k3 KL weight to the adapter-disabled reference; 0 skips the reference pass
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # DAPO's clip-higher uses e.g. 0.28
-    loss_type: str = "grpo"
-    updates_per_rollout: int = 1  # >1 reuses a rollout (off-policy steps, ratio != 1)
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    adv_eps: float = 1e-4
-    logprob_mode: str = "rollout"  # rollout: the distribution rollout sampled from (CFG-combined); conditional
-    reward_teacher: str = "policy"  # policy: the current model scores (official GvU); reference: frozen base
-    reward_eos: bool = False  # also score the caption's end token: the prompt must describe the whole image
-    micro_batch_size: int = 0  # sequences per forward/backward (whole groups); 0: the whole step at once
+    prompts_per_step: int = opt(16, "B: prompts per optimizer step, over all ranks")
+    group_size: int = opt(8, "G: samples per prompt (the group of the relative advantage)")
+    beta: float = opt(0.04, "k3 KL weight to the adapter-disabled reference; 0 skips the reference pass")
+    eps_low: float = opt(0.2, "lower clip of the ratio")
+    eps_high: float = opt(0.2, "upper clip of the ratio (DAPO's clip-higher uses e.g. 0.28)")
+    loss_type: str = opt("grpo", "token reduction of the loss (gvu/grpo.py)", LOSS_TYPES)
+    updates_per_rollout: int = opt(1, ">1 reuses a rollout for more optimizer steps (off-policy, ratio != 1)")
+    scale_rewards: str = opt(
+        "group", "advantage scale: group std, batch std, or none (Dr. GRPO)", ("group", "batch", "none")
+    )
+    adv_eps: float = opt(1e-4, "added to the std in the advantage's denominator")
+    logprob_mode: str = opt(
+        "rollout", "rollout: score the CFG-combined distribution rollout sampled from; conditional: the conditional "
+        "branch only (off-policy at cfg_scale > 1)", ("rollout", "conditional"),
+    )  # fmt: skip
+    reward_teacher: str = opt(
+        "policy", "policy: the current model scores its images (official GvU); reference: the frozen base",
+        ("policy", "reference"),
+    )  # fmt: skip
+    reward_eos: bool = opt(False, "also score the caption's end token: the prompt must describe the whole image")
+    micro_batch_size: int = opt(0, "sequences per forward/backward (whole groups); 0: the rank's whole step at once")
 
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"grpo.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ConfigError(f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
-        if self.logprob_mode not in LOGPROB_MODES:
-            raise ConfigError(f"grpo.logprob_mode must be one of {LOGPROB_MODES}, got {self.logprob_mode!r}")
-        if self.reward_teacher not in TEACHERS:
-            raise ConfigError(f"grpo.reward_teacher must be one of {TEACHERS}, got {self.reward_teacher!r}")
+    def problems(self) -> list[str]:
+        out = []
         if self.group_size < 2:
-            raise ConfigError(
-                f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}"
-            )
+            out.append(f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}")
         if self.prompts_per_step < 1 or self.updates_per_rollout < 1:
-            raise ConfigError("grpo.prompts_per_step and grpo.updates_per_rollout must be >= 1")
+            out.append("grpo.prompts_per_step and grpo.updates_per_rollout must be >= 1")
         if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0:
-            raise ConfigError("grpo.eps_low, grpo.eps_high and grpo.beta must be >= 0")
-        n = self.prompts_per_step * self.group_size
-        mb = self.micro_batch_size
-        if mb < 0 or (mb and (n % mb or mb % self.group_size)):
-            raise ConfigError(
+            out.append("grpo.eps_low, grpo.eps_high and grpo.beta must be >= 0")
+        n, mb = self.prompts_per_step * self.group_size, self.micro_batch_size
+        if mb < 0 or (mb and (n % mb or mb % max(self.group_size, 1))):
+            out.append(
                 f"grpo.micro_batch_size={mb} must be a multiple of group_size={self.group_size} that divides "
                 f"prompts_per_step*group_size={n} (or 0 for the whole step at once)"
             )
+        return out
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.5e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    # after warmup: "constant", or "cosine" from lr down to lr * min_lr_ratio at train.steps
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.1
+    lr: float = opt(1.5e-3, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.99], "AdamW betas")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    schedule: str = opt(
+        "constant", "after warmup: constant, or cosine down to lr x min_lr_ratio", ("constant", "cosine")
+    )
+    min_lr_ratio: float = opt(0.1, "the cosine's final lr as a fraction of lr")
 
-    def __post_init__(self):
+    def problems(self) -> list[str]:
+        out = []
         if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+            out.append(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            out.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2:
+            out.append(f"optim.betas must be two numbers, got {self.betas}")
+        return out
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    seed: int = 0
-    output_dir: str = "runs/gvu-toy"
-    deepspeed: str = "configs/ds_zero2.json"
-    log_every: int = 10
-    save_every: int = 100  # DeepSpeed checkpoint + adapter every N steps (and at the end)
-    keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept; older ones are deleted after a save
-    eval_samples: int = 16  # samples per held-out prompt in the before/after evaluation
-    eval_before: bool = True
-    eval_after: bool = True
-    sample_grid_prompts: int = 8
-    time_limit_minutes: float = 0.0  # 0: none; else stop training (then evaluate, save) after this long
-    resume: bool = True  # continue from the newest checkpoint in output_dir
-    profile: bool = False  # torch.profiler trace of a few steps + per-phase table
-    threads: int = 0  # torch threads per rank; 0: cores / ranks
+    steps: int = opt(300, "optimizer steps")
+    seed: int = opt(0, "seed of rollout sampling and of the evaluation's samples")
+    output_dir: str = opt("runs/gvu-toy", "run folder: config, metrics, TensorBoard, samples, adapter, checkpoints")
+    deepspeed: str = opt("configs/ds_zero2.json", 'DeepSpeed JSON; its "auto" values are filled from this config')
+    log_every: int = opt(10, "print a line every N steps")
+    save_every: int = opt(100, "DeepSpeed checkpoint + adapter every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept; older ones are deleted after a save")
+    eval_samples: int = opt(16, "samples per held-out prompt in the before/after evaluation")
+    eval_before: bool = opt(True, "evaluate the base on the held-out prompts before training")
+    eval_after: bool = opt(True, "evaluate the trained policy after training")
+    sample_grid_prompts: int = opt(8, "held-out prompts in samples_before/after.png (4 samples each)")
+    time_limit_minutes: float = opt(0.0, "stop training (then evaluate and save) after this long; 0: no limit")
+    resume: bool = opt(True, "continue from the newest checkpoint in output_dir")
+    profile: bool = opt(False, "torch.profiler trace of steps 2-4 into output_dir/profile")
+    threads: int = opt(0, "torch threads per rank; 0: cores / ranks")
 
-    def __post_init__(self):
+    def problems(self) -> list[str]:
+        out = []
         if self.steps < 0:
-            raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
-        if self.save_every < 1 or self.keep_checkpoints < 1:
-            raise ConfigError("train.save_every and train.keep_checkpoints must be >= 1")
+            out.append(f"train.steps must be >= 0, got {self.steps}")
+        if self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            out.append("train.save_every, train.keep_checkpoints and train.log_every must be >= 1")
         if self.eval_samples < 1:
-            raise ConfigError(f"train.eval_samples must be >= 1, got {self.eval_samples}")
+            out.append(f"train.eval_samples must be >= 1, got {self.eval_samples}")
+        return out
 
 
 @dataclass
@@ -190,6 +241,24 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def problems(self) -> list[str]:
+        """Every field-level problem of every section (choices and each section's own checks)."""
+        out = []
+        for sec in dataclasses.fields(self):
+            section = getattr(self, sec.name)
+            for f in dataclasses.fields(section):
+                choices = f.metadata.get("choices")
+                if choices and getattr(section, f.name) not in choices:
+                    out.append(f"{sec.name}.{f.name} must be one of {list(choices)}, got {getattr(section, f.name)!r}")
+            out += section.problems()
+        return out
+
+
+def sections() -> list[tuple[str, type]]:
+    """(section name, dataclass) of the config, in order."""
+    hints = typing.get_type_hints(Config)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Config)]
 
 
 def resolve_path(p: str) -> Path:
@@ -226,14 +295,14 @@ def _coerce(value, typ, where: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    """The dataclass `cls` from a mapping; unknown fields and bad types are appended to `problems`."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s) {sorted(prefix + k for k in unknown)}; known in {prefix or 'root'}: {names}"
-        )
+    for k in sorted(set(data) - set(names)):
+        near = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known in {prefix or 'root'}: {names}"
+        problems.append(f"unknown config field {prefix}{k}{hint}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -241,16 +310,15 @@ def _build(cls, data: dict, prefix: str):
         typ, val = hints[name], data[name]
         if dataclasses.is_dataclass(typ):
             if not isinstance(val, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping of fields, got {val!r}")
-            kwargs[name] = _build(typ, val, f"{prefix}{name}.")
+                problems.append(f"{prefix}{name} must be a mapping of fields, got {val!r}")
+                continue
+            kwargs[name] = _build(typ, val, f"{prefix}{name}.", problems)
         else:
-            kwargs[name] = _coerce(val, typ, prefix + name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # e.g. SamplingConfig's own checks
-        raise ConfigError(str(e)) from None
+            try:
+                kwargs[name] = _coerce(val, typ, prefix + name)
+            except ConfigError as e:
+                problems += e.problems
+    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -264,7 +332,7 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + `--a.b=value` / `a.b=value` overrides -> validated Config."""
+    """YAML file (optional) + `--a.b=value` / `a.b=value` overrides -> Config; every problem reported at once."""
     tree: dict = {}
     if path is not None:
         p = resolve_path(str(path))
@@ -282,8 +350,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like --section.field=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key, yaml.safe_load(raw) if raw else "")
-    return _build(Config, tree, "")
+    problems: list[str] = []
+    cfg = _build(Config, tree, "", problems)
+    problems += cfg.problems()  # fields with a bad type kept their default, so these are the others' problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def config_from_dict(d: dict) -> Config:
-    return _build(Config, json.loads(json.dumps(d)), "")
+    return load_config(None, [f"{s}.{k}={json.dumps(v)}" for s, sec in d.items() for k, v in sec.items()])
+
+
+def field_help() -> list[tuple[str, list[tuple[str, str, object, str]]]]:
+    """[(section, [(field, type name, default, help)])] for `--help`."""
+    out = []
+    for name, cls in sections():
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            t = hints[f.name]
+            tname = f"list[{typing.get_args(t)[0].__name__}]" if typing.get_origin(t) is list else t.__name__
+            help_ = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_ += f" {{{', '.join(map(str, f.metadata['choices']))}}}"
+            rows.append((f.name, tname, default, help_))
+        out.append((name, rows))
+    return out

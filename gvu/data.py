@@ -9,27 +9,36 @@ from pathlib import Path
 from gvu.config import ConfigError, DataConfig, resolve_path
 
 
-def read_jsonl_lines(path: Path) -> list[tuple[str, dict]]:
-    """(raw line, parsed dict) per non-empty line of GenEval-format metadata; errors name the file and line."""
-    rows = []
+def read_jsonl_lines(path: Path, field: str = "data.prompts") -> list[tuple[str, dict]]:
+    """(raw line, parsed dict) per non-empty line of GenEval-format metadata; every bad line is reported at once
+    (ConfigError naming the file and line; `field` names the config field that points to the file)."""
+    if not path.is_file():
+        raise ConfigError(f"{field}={str(path)!r}: file not found; give a GenEval-format .jsonl")
+    rows, problems = [], []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             m = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one metadata object") from None
+            problems.append(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one metadata object")
+            continue
         if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-            raise ConfigError(f"{path}:{i}: each line needs a string field 'prompt' (GenEval metadata format)")
+            problems.append(f"{path}:{i}: each line needs a string field 'prompt' (GenEval metadata format)")
+            continue
         rows.append((line.strip(), m))
-    if not rows:
-        raise ConfigError(f"{path}: no prompts found")
+    if not rows and not problems:
+        problems.append(f"{path}: no prompts found")
+    if len(problems) > 20:
+        problems = problems[:20] + [f"{path}: ... and {len(problems) - 20} more bad lines"]
+    if problems:
+        raise ConfigError(problems)
     return rows
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, field: str = "data.prompts") -> list[dict]:
     """GenEval-format metadata: one JSON object per line with at least `prompt` (and `tag` for per-tag scores)."""
-    metas = [m for _, m in read_jsonl_lines(path)]
+    metas = [m for _, m in read_jsonl_lines(path, field)]
     for m in metas:
         m.setdefault("tag", "all")
     return metas
@@ -38,15 +47,24 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_prompt_sets(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """(train, held-out eval) metadata lists. "shapes" generates the toy world's disjoint sets from `cfg.seed`."""
     if cfg.prompts == "shapes":
-        from gvu import shapes_world
+        from gvu.toy import prompts as WP
 
-        train, evals = shapes_world.make_prompt_sets(cfg.seed)
+        train, evals = WP.make_prompt_sets(cfg.seed)
     else:
-        path = resolve_path(cfg.prompts)
-        if not path.exists():
-            raise ConfigError(f"data.prompts={cfg.prompts!r}: file not found; give a GenEval-format .jsonl or 'shapes'")
-        train = read_jsonl(path)
-        evals = read_jsonl(resolve_path(cfg.eval_file)) if cfg.eval_file else []
+        problems: list[str] = []
+
+        def read(field: str, value: str) -> list[dict]:
+            try:
+                return read_jsonl(resolve_path(value), field) if value else []
+            except ConfigError as e:
+                problems.extend(e.problems)
+                return []
+
+        train, evals = read("data.prompts", cfg.prompts), read("data.eval_file", cfg.eval_file)
+        if not cfg.prompts:
+            problems.append("data.prompts is empty; give 'shapes' or a GenEval-format .jsonl")
+        if problems:
+            raise ConfigError(problems)
     if cfg.train_tags:
         known = sorted({m.get("tag", "all") for m in train})
         unknown = sorted(set(cfg.train_tags) - set(known))

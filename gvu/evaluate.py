@@ -1,79 +1,77 @@
-"""Evaluation in the shapes world: GenEval-style generation scores and understanding checks.
+"""Held-out evaluation: the evaluator chosen by the prompt source, run sharded over ranks, summaries and tables.
 
-generation_scores: rollout -> pixels -> read back -> exact evaluator; per-tag accuracy, overall = mean over
-    tags, standard errors clustered by prompt (samples of one prompt are not independent).
-understanding_scores: (i) greedy caption accuracy (the caption, parsed, is true for the scene) and (ii) for
-    each word type (count, color, position, shape), how often the intrinsic reward of the true prompt beats a
-    one-word-perturbed false prompt on the same image. Gate RL on (ii): a reward blind to a word type gets
-    hacked on it (DESIGN.md, prototype facts).
+    evaluator_for(cfg)   data.prompts=shapes -> gvu.toy.evaluator.ShapesEvaluator (the world's exact evaluator)
+                         a prompt file + data.eval_file -> RewardEvaluator (the base's own reward on held-out prompts)
+                         a prompt file alone -> None (score with `python -m gvu.geneval` and the GenEval evaluator)
+
+Every evaluator returns {"generation": generation_summary(...), ...}: per-prompt values (each the mean over
+`train.eval_samples` samples), per-tag means, overall = mean of the tag means, standard errors clustered by prompt
+(samples of one prompt are not independent). Seeds are fixed, so before / after are paired prompt by prompt.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from gvu import shapes_world as W
+from gvu.metrics import progress, save_grid
+from gvu.models import adapter_disabled
 from gvu.reward import intrinsic_reward
-from gvu.rollout import SamplingConfig
 
 
-def _tag_stats(tags: list[str], per_prompt: list[float]) -> tuple[dict, dict, float, float]:
-    """Per-tag mean and clustered stderr of per-prompt accuracies; overall = mean of tag means."""
+class Evaluator(Protocol):
+    """Held-out evaluation of a policy. `evaluate` runs on every rank (ZeRO-3 needs all ranks in each forward)
+    and returns the merged result on every rank."""
+
+    name: str
+
+    def evaluate(self, backend, model, metas: list[dict], cfg, rank: int, world: int) -> dict: ...
+
+    def summary(self, label: str, result: dict) -> str: ...
+
+    def rollout_metrics(self, metas: list[dict], images: np.ndarray, group_size: int) -> dict[str, float]:
+        """Free per-step metrics of the training rollouts (images (B*G, H, W, 3) of `metas`); {} if none."""
+        ...
+
+
+def evaluator_for(cfg) -> Evaluator | None:
+    """The held-out evaluator of a run, chosen by its prompt source (module docstring)."""
+    if cfg.data.prompts == "shapes":
+        from gvu.toy.evaluator import ShapesEvaluator
+
+        return ShapesEvaluator()
+    return RewardEvaluator() if cfg.data.eval_file else None
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+
+
+def tag_stats(tags: list[str], per_prompt: list[float]) -> tuple[dict, dict, float, float]:
+    """Per-tag mean and clustered stderr of per-prompt values (tags in first-seen order); overall = mean of
+    tag means, its stderr from the tags' (independent prompts)."""
     by = defaultdict(list)
     for t, a in zip(tags, per_prompt, strict=True):
         by[t].append(a)
     mean, se = {}, {}
-    for t in W.TAGS:
-        if t in by:
-            v = np.asarray(by[t])
-            mean[t] = float(v.mean())
-            se[t] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    for t, v in by.items():
+        v = np.asarray(v, dtype=float)
+        mean[t] = float(v.mean())
+        se[t] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
     overall = float(np.mean(list(mean.values())))
     overall_se = float(math.sqrt(sum(s * s for s in se.values())) / len(se))
     return mean, se, overall, overall_se
 
 
-@torch.no_grad()
-def generation_scores(
-    adapter,
-    model,
-    metas: list[dict],
-    samples_per_prompt: int = 16,
-    sampling: SamplingConfig | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> dict:
-    """GenEval-style scores of `samples_per_prompt` rollouts per prompt.
-
-    -> {per_tag, per_tag_stderr, overall, stderr, n (images), n_prompts, prompts, tags, per_prompt (accuracies)}.
-    `batch_size` prompts go through one rollout (batch_size * samples_per_prompt rows).
-    """
-    sampling = sampling or SamplingConfig()
-    gen = torch.Generator().manual_seed(seed)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    per_prompt = []
-    for i in range(0, len(metas), batch_size):
-        chunk = metas[i : i + batch_size]
-        prompts = adapter.tokenize_prompts([m["prompt"] for m in chunk])
-        codes = adapter.generate(model, prompts, samples_per_prompt, sampling, generator=gen)
-        pixels = adapter.decode(codes)
-        read = W.read_image(pixels).reshape(len(chunk), samples_per_prompt, -1)
-        for m, imgs in zip(chunk, read, strict=True):
-            per_prompt.append(float(np.mean([W.evaluate(m, c) for c in imgs])))
-    if was_training:
-        model.train()
-    return generation_summary(metas, per_prompt, samples_per_prompt)
-
-
 def generation_summary(metas: list[dict], per_prompt: list[float], samples_per_prompt: int) -> dict:
-    """Per-prompt accuracies (one per meta) -> the generation_scores dict (per-tag, overall, clustered stderr)."""
-    mean, se, overall, overall_se = _tag_stats([m["tag"] for m in metas], per_prompt)
+    """Per-prompt values (one per meta) -> {per_tag, per_tag_stderr, overall, stderr, n, n_prompts, prompts, tags,
+    per_prompt}."""
+    tags = [m.get("tag", "all") for m in metas]
+    mean, se, overall, overall_se = tag_stats(tags, per_prompt)
     return {
         "per_tag": mean,
         "per_tag_stderr": se,
@@ -82,62 +80,8 @@ def generation_summary(metas: list[dict], per_prompt: list[float], samples_per_p
         "n": len(metas) * samples_per_prompt,
         "n_prompts": len(metas),
         "prompts": [m["prompt"] for m in metas],
-        "tags": [m["tag"] for m in metas],
+        "tags": tags,
         "per_prompt": per_prompt,
-    }
-
-
-@torch.no_grad()
-def understanding_scores(adapter, model, metas: list[dict], seed: int = 0, batch_size: int = 128) -> dict:
-    """Caption accuracy and true-vs-perturbed reward ranking on scenes sampled consistent with `metas`.
-
-    -> {caption_acc, ranking: {kind: acc}, ranking_n: {kind: n}, n_scenes, examples: a few (prompt, caption)}.
-    Ties in the ranking count one half. Position perturbations use the opposite relation (always false);
-    scenes hold only the stated relation (sample_scene's `unambiguous`).
-    """
-    rng = random.Random(seed)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    scenes = np.stack([W.sample_scene(m, rng) for m in metas])
-    pixels = W.render(scenes)
-    captions = []
-    for i in range(0, len(metas), batch_size):
-        captions += adapter.caption(model, pixels[i : i + batch_size])
-    ok = []
-    for cap, sc in zip(captions, scenes, strict=True):
-        parsed = W.parse_prompt(cap)
-        ok.append(parsed is not None and W.evaluate(parsed, sc))
-
-    ranking, ranking_n = {}, {}
-    for kind in W.PERTURB_KINDS:
-        rows, true_p, false_p = [], [], []
-        for j, (m, sc) in enumerate(zip(metas, scenes, strict=True)):
-            q = W.perturb(m, kind, rng, image=sc)
-            if q is not None:
-                rows.append(j)
-                true_p.append(m["prompt"])
-                false_p.append(q["prompt"])
-        if not rows:
-            continue
-        wins = []
-        for i in range(0, len(rows), batch_size):
-            idx = rows[i : i + batch_size]
-            img = torch.from_numpy(np.concatenate([pixels[idx], pixels[idx]]))
-            r = intrinsic_reward(
-                adapter, model, img, adapter.tokenize_prompts(true_p[i : i + batch_size] + false_p[i : i + batch_size])
-            )
-            rt, rf = r[: len(idx)], r[len(idx) :]
-            wins += ((rt > rf).float() + 0.5 * (rt == rf).float()).tolist()
-        ranking[kind] = float(np.mean(wins))
-        ranking_n[kind] = len(wins)
-    if was_training:
-        model.train()
-    return {
-        "caption_acc": float(np.mean(ok)),
-        "ranking": ranking,
-        "ranking_n": ranking_n,
-        "n_scenes": len(metas),
-        "examples": [(m["prompt"], c) for m, c in list(zip(metas, captions, strict=True))[:: max(1, len(metas) // 8)]],
     }
 
 
@@ -146,12 +90,12 @@ def _fmt(v: float | None, se: float | None) -> str:
 
 
 def format_table(before: dict, after: dict | None = None) -> str:
-    """Per-tag table of generation scores (generation_scores dicts): before, after, delta and its z.
+    """Per-tag table of generation summaries: before, after, delta and its z.
 
     When both runs scored the same prompts, the delta's stderr is paired (per-prompt differences, clustered by
     prompt, per tag); otherwise the two stderrs are combined as independent.
     """
-    tags = [t for t in W.TAGS if t in before["per_tag"] or (after and t in after["per_tag"])]
+    tags = list(dict.fromkeys(list(before["per_tag"]) + list(after["per_tag"] if after else [])))
     if after is None:
         lines = [f"| {'tag':<15} | {'score':>15} |", f"|{'-' * 17}|{'-' * 17}|"]
         for t in tags:
@@ -161,24 +105,15 @@ def format_table(before: dict, after: dict | None = None) -> str:
     paired = before.get("prompts") == after.get("prompts") and all(
         "per_prompt" in x and "tags" in x for x in (before, after)
     )
-    dse = {}
+    dse: dict = {}
     if paired:
         d = [a - b for a, b in zip(after["per_prompt"], before["per_prompt"], strict=True)]
-        _, dse, _, d_overall_se = _tag_stats(before["tags"], d)
+        _, dse, _, d_overall_se = tag_stats(before["tags"], d)
     lines = [
         f"| {'tag':<15} | {'before':>15} | {'after':>15} | {'delta':>8} | {'z':>5} |",
         f"|{'-' * 17}|{'-' * 17}|{'-' * 17}|{'-' * 10}|{'-' * 7}|",
     ]
-    rows = [
-        (
-            t,
-            before["per_tag"].get(t),
-            before["per_tag_stderr"].get(t),
-            after["per_tag"].get(t),
-            after["per_tag_stderr"].get(t),
-        )
-        for t in tags
-    ]
+    rows = [(t, *(x[k].get(t) for x in (before, after) for k in ("per_tag", "per_tag_stderr"))) for t in tags]
     rows.append(("overall", before["overall"], before["stderr"], after["overall"], after["stderr"]))
     for t, b, bs, a, as_ in rows:
         if a is None or b is None:
@@ -188,3 +123,81 @@ def format_table(before: dict, after: dict | None = None) -> str:
         z = (a - b) / se if se else (float("inf") if a != b else 0.0)
         lines.append(f"| {t:<15} | {_fmt(b, bs):>15} | {_fmt(a, as_):>15} | {a - b:>+8.3f} | {z:>5.1f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+
+
+def gather_per_prompt(shard_values: list, n: int, world: int) -> list:
+    """Each rank's values for its shard metas[rank::world] -> the values of all n prompts in order (all ranks)."""
+    if world == 1:
+        return list(shard_values)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, list(shard_values))
+    return [parts[i % world][i // world] for i in range(n)]
+
+
+@torch.no_grad()
+def per_prompt_scores(backend, model, metas, samples: int, sampling, score_images, seed: int, batch_size=32, bar=False):
+    """Mean of `score_images(chunk_metas, images (B*G, H, W, 3), prompts)` -> (B*G,) over each prompt's samples:
+    one float per meta. `batch_size` prompts go through one rollout (batch_size * samples rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    out = []
+    for i in progress(range(0, len(metas), batch_size), "eval generation", enabled=bar, unit_scale=batch_size):
+        chunk = metas[i : i + batch_size]
+        prompts = backend.tokenize_prompts([m["prompt"] for m in chunk], device=_device(model))
+        images = backend.decode(backend.generate(model, prompts, samples, sampling, generator=gen))
+        values = np.asarray(score_images(chunk, images, prompts), dtype=float).reshape(len(chunk), samples)
+        out += values.mean(1).tolist()
+    if was_training:
+        model.train()
+    return out
+
+
+def _device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class RewardEvaluator:
+    """The model's own intrinsic reward on held-out prompts (a prompt file's data.eval_file). The judge is always
+    the base's understanding (adapter disabled), so before and after are scored by the same teacher."""
+
+    name = "reward"
+
+    def evaluate(self, backend, model, metas, cfg, rank, world) -> dict:
+        def score(chunk, images, prompts):
+            with adapter_disabled(model):
+                r = intrinsic_reward(backend, model, images, prompts.repeat_interleave(cfg.train.eval_samples))
+            return r.cpu().numpy()
+
+        shard = metas[rank::world]
+        values = per_prompt_scores(
+            backend, model, shard, cfg.train.eval_samples, cfg.sampling, score, seed=cfg.train.seed * 7919 + rank,
+            bar=rank == 0,
+        )  # fmt: skip
+        per_prompt = gather_per_prompt(values, len(metas), world)
+        return {"generation": generation_summary(metas, per_prompt, cfg.train.eval_samples)}
+
+    def summary(self, label: str, result: dict) -> str:
+        g = result["generation"]
+        return f"[{label}] held-out reward (base teacher) {g['overall']:.4f} +- {g['stderr']:.4f} ({g['n']} images)"
+
+    def rollout_metrics(self, metas, images, group_size) -> dict[str, float]:
+        return {}
+
+
+def write_samples(backend, model, metas, cfg, path: Path, is_main: bool) -> None:
+    """A fixed grid: train.sample_grid_prompts held-out prompts x 4 samples, seeded, prompt under each image."""
+    n = min(cfg.train.sample_grid_prompts, len(metas))
+    if n == 0:
+        return
+    chosen = metas[:: max(1, len(metas) // n)][:n]
+    prompts = backend.tokenize_prompts([m["prompt"] for m in chosen], device=_device(model))
+    gen = torch.Generator().manual_seed(cfg.train.seed + 7)
+    with torch.no_grad():
+        tokens = backend.generate(model, prompts, 4, cfg.sampling, generator=gen)
+    if is_main:
+        save_grid(path, backend.decode(tokens), [m["prompt"] for m in chosen for _ in range(4)], cols=8)

@@ -7,7 +7,7 @@
 
 Writes <out>/NNNNN/metadata.jsonl (the prompt's metadata line) and <out>/NNNNN/samples/0000.png ... for prompt
 line NNNNN. Each prompt folder is written to a temporary folder and renamed when complete, so a killed run
-resumes where it stopped (finished folders are skipped). Works for any backend (toy, janus); sampling settings
+resumes where it stopped (finished folders are skipped). Works for any registered backend; sampling settings
 come from the config's `sampling` section (override with --sampling.field=value).
 """
 
@@ -23,6 +23,7 @@ import torch
 from gvu.config import ConfigError, load_config
 from gvu.data import read_jsonl_lines
 from gvu.metrics import atomic_dir
+from gvu.models import backend_class
 
 
 def is_done(folder: Path, samples: int) -> bool:
@@ -32,17 +33,26 @@ def is_done(folder: Path, samples: int) -> bool:
 
 
 def load_model(cfg, adapter_path: str | None, device: torch.device):
-    """(adapter, model in eval mode on `device`), with a trained LoRA adapter merged in when given."""
-    from gvu.models import load_umm
+    """(backend, model in eval mode on `device`), with a trained adapter (LoRA merged, and the image-head update
+    when the run trained one) when given."""
+    from gvu.models import POLICY_UPDATES_FILE, Ability, load_policy_updates, load_umm, require
 
-    adapter, model = load_umm(cfg.model)
+    backend, model = load_umm(cfg.model)
     if adapter_path:
         from peft import PeftModel
 
-        if not (Path(adapter_path) / "adapter_config.json").exists():
+        folder = Path(adapter_path)
+        if not (folder / "adapter_config.json").exists():
             raise ConfigError(f"--adapter {adapter_path}: no adapter_config.json (pass a run's adapter/ folder)")
-        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
-    return adapter, model.to(device).eval()
+        model = PeftModel.from_pretrained(model, adapter_path)
+        if (folder / POLICY_UPDATES_FILE).exists():  # the run also trained the image head (lora.image_head)
+            missing = require(backend, Ability.IMAGE_HEAD_UPDATE)
+            if missing:
+                raise ConfigError(f"--adapter {adapter_path} holds {POLICY_UPDATES_FILE}, but {missing}")
+            backend.add_image_head_update(model)
+            load_policy_updates(model, folder)
+        model = model.merge_and_unload()
+    return backend, model.to(device).eval()
 
 
 def write_png(path: Path, image) -> None:
@@ -91,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples < 1 or args.batch < 1:
             raise ConfigError("--samples and --batch must be >= 1")
         cfg = load_config(args.config, rest)
-        metas = read_jsonl_lines(Path(args.metadata))
+        metas = read_jsonl_lines(Path(args.metadata), "--metadata")
+        backend_cls = backend_class(cfg.model.backend)
+        problems = backend_cls.check_config(cfg.model) + backend_cls.check_prompts(
+            cfg.model, [m["prompt"] for _, m in metas]
+        )
+        if problems:
+            raise ConfigError(problems)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         adapter, model = load_model(cfg, args.adapter, device)
     except (ConfigError, FileNotFoundError) as e:

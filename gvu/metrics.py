@@ -1,4 +1,5 @@
-"""Run outputs: metrics (jsonl + TensorBoard), phase timers, atomic file writes, sample grids and curves."""
+"""Run outputs: metrics (jsonl + TensorBoard), progress bars, phase timers, atomic file writes, sample grids and
+curves."""
 
 from __future__ import annotations
 
@@ -51,6 +52,20 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(old, ignore_errors=True)
 
     return _cm()
+
+
+def progress(iterable, desc: str, enabled: bool = True, total: int | None = None, unit_scale=False, unit="it"):
+    """`iterable` with a progress bar (rate, ETA) on stderr when `enabled` (rank 0); plain iteration otherwise.
+    Off a terminal (CI logs) the bar refreshes every 30 s instead of every 0.1 s."""
+    if not enabled:
+        return iterable
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit_scale=unit_scale, unit=unit, mininterval=0.1 if tty else 30,
+                dynamic_ncols=True, leave=True)  # fmt: skip
 
 
 class PhaseTimer:

@@ -2,13 +2,11 @@
 
     R(I, T) = exp( (1/L) * sum_j log p(T_j | instruction, I, T_<j) )      (geometric mean over prompt tokens)
 
-The adapter's `prompt_logprobs` runs ONE teacher-forced pass for the whole batch and applies the lm_head
+The backend's `prompt_logprobs` runs ONE teacher-forced pass for the whole batch and applies the lm_head
 only at prompt positions (kernels.linear_token_logprobs); this module turns those log-probs into rewards.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 
@@ -28,18 +26,12 @@ def geometric_mean_reward(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def intrinsic_reward(adapter, model, images: torch.Tensor, prompts, *, with_eos: bool = False) -> torch.Tensor:
+def intrinsic_reward(backend, model, images, prompts, *, with_eos: bool = False) -> torch.Tensor:
     """R for each (image, prompt) pair: images (N, H, W, 3) uint8, prompts a PromptBatch of N -> (N,) fp32.
 
-    `with_eos` also scores the end of the caption (the paper scores only the prompt's tokens): the prompt must
-    then be the whole description, which stops a policy from hedging with extra objects.
+    `with_eos` (a backend with Ability.END_TOKEN; gvu/validate.py checks) also scores the end of the caption
+    (the paper scores only the prompt's tokens): the prompt must then be the whole description, which stops a
+    policy from hedging with extra objects.
     """
-    if with_eos:
-        if "with_eos" not in inspect.signature(adapter.prompt_logprobs).parameters:
-            raise NotImplementedError(
-                f"{type(adapter).__name__}.prompt_logprobs cannot score the end token; set grpo.reward_eos=false"
-            )
-        logp, mask = adapter.prompt_logprobs(model, images, prompts, with_eos=True)
-    else:
-        logp, mask = adapter.prompt_logprobs(model, images, prompts)
+    logp, mask = backend.prompt_logprobs(model, images, prompts, with_eos=with_eos)
     return geometric_mean_reward(logp, mask)

@@ -1,40 +1,16 @@
 """Rollout: sampling image tokens from next-token logits (temperature, top-k, top-p, min-p, CFG).
 
-The KV-cache loops live in the model adapters (gvu/models/*), which know their sequence layout; this module
-holds what every adapter shares: the sampling settings and the per-step logits -> token function.
+The KV-cache loops live in the backends (gvu/models/*, gvu/toy/backend.py), which know their sequence layout;
+this module holds what every backend shares: the per-step logits -> token functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from gvu.config import SamplingConfig  # the sampling settings live with the other config sections
 
-@dataclass
-class SamplingConfig:
-    """How image tokens are drawn. `cfg_scale` 1.0 means no classifier-free guidance."""
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    min_p: float = 0.0  # 0.0: off
-    cfg_scale: float = 1.0
-    greedy: bool = False
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(
-                f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise ValueError(f"sampling.top_k must be >= 0 (0 disables it); got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1]; got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"sampling.min_p must be in [0, 1); got {self.min_p}")
-        if self.cfg_scale < 1:
-            raise ValueError(f"sampling.cfg_scale must be >= 1 (1 disables guidance); got {self.cfg_scale}")
+__all__ = ["SamplingConfig", "cfg_combine", "filter_logits", "sample_next"]
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

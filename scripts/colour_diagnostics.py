@@ -3,7 +3,7 @@
     python scripts/colour_diagnostics.py                                   # the shipped base only
     python scripts/colour_diagnostics.py --adapter runs/diag-col/adapter   # + a trained LoRA adapter
     python scripts/colour_diagnostics.py --probe                           # + the supervised probes (~2 min)
-    python scripts/colour_diagnostics.py --base /tmp/pt/g0.2               # another base (pretrain_toy --out)
+    python scripts/colour_diagnostics.py --base /tmp/pt/g0.2               # another base (gvu.toy.pretrain --out)
 
 (1) For held-out colour prompts: the reward of a scene drawn to the prompt vs the same scene recoloured to each
 other colour. (2) For three colour prompts, 64 samples each: objects per image and colours drawn, and the share
@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gvu import shapes_world as W  # noqa: E402
-from gvu.models.toy import ToyUMM  # noqa: E402
 from gvu.reward import intrinsic_reward  # noqa: E402
 from gvu.rollout import SamplingConfig  # noqa: E402
+from gvu.toy import prompts as WP  # noqa: E402
+from gvu.toy import world as W  # noqa: E402
+from gvu.toy.backend import ToyUMM  # noqa: E402
+from gvu.toy.pretrain import training_batch, training_loss  # noqa: E402
 
 BASE = "gvu/assets/toy_umm"
 PROMPTS = ["a photo of a red circle", "a photo of a blue star", "a photo of a green heart"]
@@ -54,7 +56,7 @@ def recoloured(scene: np.ndarray) -> np.ndarray:
 
 def recolour_table(adapter, model, n: int, seed: int) -> None:
     rng = random.Random(seed)
-    _, evals = W.make_prompt_sets(0)
+    _, evals = WP.make_prompt_sets(0)
     print("reward of the scene drawn to the prompt vs the same scene recoloured to each other colour")
     for meta in [m for m in evals if m["tag"] == "colors"][:n]:
         scene = W.sample_scene(meta, rng)
@@ -71,7 +73,7 @@ def colour_pressure(adapter, model, seed: int = 0) -> None:
     means GRPO groups of these prompts rank samples by colour alone, pulling each shape toward the teacher's
     favourite colours whatever a colour prompt asks for."""
     rng = random.Random(seed)
-    _, evals = W.make_prompt_sets(0)
+    _, evals = WP.make_prompt_sets(0)
     spreads, best = [], []
     print("reward (end token scored) of one scene recoloured to each colour, for prompts that name no colour")
     for meta in [m for m in evals if m["tag"] in ("single_object", "two_object", "counting")]:
@@ -124,9 +126,9 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
     from peft import LoraConfig, get_peft_model
 
     from gvu.config import LoraSettings as TrainerLora
-    from gvu.evaluate import generation_scores
+    from gvu.toy.evaluator import generation_scores
 
-    train, evals = W.make_prompt_sets(0)
+    train, evals = WP.make_prompt_sets(0)
     tr = [m for m in train if m["tag"] == "colors"]
     ev = [m for m in evals if m["tag"] == "colors"]
     lora = TrainerLora()  # the trainer's defaults: r 16, alpha 32, every Linear of the decoder
@@ -162,9 +164,9 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
                 break
             metas = [rng.choice(tr) for _ in range(16)]
             codes = torch.from_numpy(np.stack([W.sample_scene(m, rng) for m in metas]))
-            ids, tg = adapter.training_batch([m["prompt"] for m in metas], codes, [False] * len(metas))
+            ids, tg = training_batch(adapter, [m["prompt"] for m in metas], codes, [False] * len(metas))
             model.train()
-            loss = adapter.training_loss(model, ids, tg)
+            loss = training_loss(model, ids, tg)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -173,7 +175,7 @@ def supervised_probe(base: str, steps: int = 300, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=BASE, help="the base checkpoint (a `python -m gvu.pretrain_toy --out` folder)")
+    p.add_argument("--base", default=BASE, help="the base checkpoint (a `python -m gvu.toy.pretrain --out` folder)")
     p.add_argument("--adapter", default="", help="a LoRA adapter folder (a run's adapter/) to compare with the base")
     p.add_argument("--prompts", type=int, default=10, help="held-out colour prompts in the recolour table")
     p.add_argument("--samples", type=int, default=64, help="samples per prompt in the drawing table")

@@ -1,201 +1,70 @@
-"""Model adapters: what the trainer needs from a unified multimodal model (see shared/DESIGN.md, "Models").
+"""Model backends by name (`model.backend`), and the wrapping helpers every backend uses.
 
-Every adapter method that runs the network takes the module to run as its first argument (the policy is the
-peft model inside the DeepSpeed engine; the reference is the same module with its adapter disabled), so the
-adapter only holds layout: tokenizer, sequence format, decoder.
+    backend_class("janus")        -> the registered class (imported on first use)
+    load_umm(cfg.model)           -> (backend, transformers model)
+    register_backend("mine", "my_pkg.my_module:MyUMM")   # a new backend (docs/DESIGN.md, "Adding a backend")
+
+The contract a backend meets is gvu.models.base.UMMBackend; `contract_problems` checks a class against it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 
-import torch
-from torch import nn
+from gvu.models.base import Ability, PromptBatch, UMMBackend, UnderstandingInputs, contract_problems, require
+from gvu.models.wrapping import (
+    POLICY_UPDATES_FILE,
+    adapter_disabled,
+    attn_implementation,
+    backbone_and_head,
+    gathered,
+    load_policy_updates,
+    policy_updates,
+    save_policy_updates,
+    saveable,
+    unwrap,
+)
 
+__all__ = [
+    "Ability", "PromptBatch", "UMMBackend", "UnderstandingInputs", "contract_problems", "require",
+    "POLICY_UPDATES_FILE", "adapter_disabled", "attn_implementation", "backbone_and_head", "gathered",
+    "load_policy_updates", "policy_updates", "save_policy_updates", "saveable", "unwrap",
+    "register_backend", "backend_names", "backend_class", "load_umm",
+]  # fmt: skip
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """DeepSpeed engine / PeftModel / HF model -> the innermost transformers *ForCausalLM-like module.
-
-    LoRA layers stay injected in it, so calling it runs the policy (or the reference inside
-    `disable_adapter()`).
-    """
-    m = model
-    while True:
-        if hasattr(m, "module") and isinstance(m.module, nn.Module) and type(m).__name__ == "DeepSpeedEngine":
-            m = m.module
-        elif hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
-            m = m.get_base_model()
-        else:
-            return m
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder body returning `last_hidden_state`, lm_head Linear) of a causal LM, through any wrappers."""
-    lm = unwrap(model)
-    head = lm.get_output_embeddings()
-    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    return body, head
-
-
-@contextlib.contextmanager
-def gathered(*params: torch.Tensor):
-    """Full parameters for reading outside their module's forward (needed under ZeRO-3; a no-op otherwise)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
-            yield
-    else:
-        yield
+# name -> "module:Class" (imported lazily, so naming a backend costs nothing until it is used)
+_REGISTRY: dict[str, str | type] = {
+    "toy": "gvu.toy.backend:ToyUMM",
+    "janus": "gvu.models.janus:JanusUMM",
+}
 
 
-def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` (a parameter or a view of one), safe to keep for backward after its `gathered` block.
-
-    ZeRO-3 frees a gathered parameter's storage when the block exits, so autograd would find an empty tensor;
-    a frozen parameter is copied instead (a trainable one under ZeRO-3 would need its gradient routed back).
-    """
-    if t is None:
-        return None
-    base = t if t._base is None else t._base
-    if not hasattr(base, "ds_id"):
-        return t
-    if t.requires_grad:
-        raise NotImplementedError(
-            "a trainable output head under ZeRO-3 is not supported: keep the head frozen (LoRA on the body) or use "
-            "configs/ds_zero2.json"
-        )
-    return t.detach().clone()
+def register_backend(name: str, target: str | type) -> None:
+    """Make `model.backend: name` load `target` (a class, or "module:Class"); re-registering a name replaces it."""
+    _REGISTRY[name] = target
 
 
-def policy_updates(model: nn.Module) -> dict[str, nn.Module]:
-    """Trained updates outside peft's LoRA (modules flagged `policy_update`, e.g. the toy's factorised image-head
-    update, `lora.image_head`), by module name; the reference policy runs with them off."""
-    return {n: m for n, m in model.named_modules() if getattr(m, "policy_update", False)}
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
 
 
-POLICY_UPDATES_FILE = "policy_updates.safetensors"
+def backend_class(name: str) -> type:
+    """The backend class registered as `name`, checked against the contract; unknown names list the known ones."""
+    from gvu.config import ConfigError
 
-
-def save_policy_updates(model: nn.Module, folder) -> None:
-    """Write the parameters of the model's policy updates next to its saved LoRA adapter (none: no file).
-
-    Reload with the same update registered on the same wrapping (e.g. `PeftModel.from_pretrained`, then
-    `ToyUMM().add_image_head_update(peft_model)`), then `load_policy_updates(peft_model, folder)`.
-    """
-    tensors = {
-        f"{name}.{k}": v.detach().contiguous().cpu()
-        for name, m in policy_updates(model).items()
-        for k, v in m.named_parameters()
-    }
-    if tensors:
-        import os
-
-        from safetensors.torch import save_file
-
-        save_file(tensors, os.path.join(str(folder), POLICY_UPDATES_FILE))
-
-
-def load_policy_updates(model: nn.Module, folder) -> None:
-    """Load `save_policy_updates`' file into the model's (already registered) policy updates, checking names."""
-    import os
-
-    from safetensors.torch import load_file
-
-    saved = load_file(os.path.join(str(folder), POLICY_UPDATES_FILE))
-    params = {f"{name}.{k}": v for name, m in policy_updates(model).items() for k, v in m.named_parameters()}
-    if set(saved) != set(params):
-        raise ValueError(
-            f"{folder}/{POLICY_UPDATES_FILE} holds {sorted(saved)} but the model's policy updates are "
-            f"{sorted(params)}: register the same update on the same wrapping first (see save_policy_updates)"
-        )
-    with torch.no_grad():
-        for k, v in saved.items():
-            params[k].copy_(v)
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module):
-    """Run the reference policy: the same network with its LoRA adapter (and any policy update) switched off."""
-    m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
-    if hasattr(m, "disable_adapter"):
-        updates = list(policy_updates(m).values())
-        for u in updates:
-            u.enabled = False
-        try:
-            with m.disable_adapter():
-                yield
-        finally:
-            for u in updates:
-                u.enabled = True
-    else:
-        raise TypeError(
-            f"{type(m).__name__} has no LoRA adapter to disable; the reference needs a peft model "
-            "(set lora.enabled=true) or beta=0"
-        )
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.backend={name!r} is not a registered backend; known: {backend_names()}")
+    target = _REGISTRY[name]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = target
+    problems = contract_problems(target)
+    if problems:
+        raise TypeError(f"backend {name!r} ({target.__module__}.{target.__name__}) breaks the contract: {problems}")
+    return target
 
 
 def load_umm(cfg):
-    """(adapter, transformers model) for a `ModelConfig`: the backend named by cfg.backend, weights from cfg.path."""
-    from gvu.config import ConfigError, resolve_path
-
-    if cfg.backend == "janus":
-        return _load_janus(cfg)
-    path = resolve_path(cfg.path)
-    if not path.exists():
-        raise ConfigError(f"model.path={cfg.path!r}: no such folder (looked in the cwd and the repo)")
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.backend == "toy":
-        from gvu.models.toy import ToyUMM
-
-        adapter, model = ToyUMM.from_pretrained(path)
-        return adapter, model.to(dtype)
-    raise ConfigError(f"model.backend={cfg.backend!r} is not available yet; use 'toy'")
-
-
-def attn_implementation(requested: str) -> str:
-    """`requested`, except flash_attention_2 without flash-attn installed falls back to sdpa (with a warning)."""
-    if requested == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            import warnings
-
-            warnings.warn(
-                "model.attn_implementation=flash_attention_2 but flash-attn is not installed; using sdpa", stacklevel=3
-            )
-            return "sdpa"
-    return requested
-
-
-def _load_janus(cfg):
-    """Janus-Pro from a local folder, or a hub id resolved in the local hub cache only (no download)."""
-    from gvu.config import ConfigError, resolve_path
-    from gvu.models.janus import INSTRUCTION, JanusUMM
-
-    path = resolve_path(cfg.path)
-    if not path.exists():
-        if cfg.path.count("/") != 1 or cfg.path.startswith((".", "/", "~")):
-            raise ConfigError(
-                f"model.path={cfg.path!r}: no such folder, and not a hub id like deepseek-community/Janus-Pro-1B"
-            )
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            path = snapshot_download(cfg.path, local_files_only=True)
-        except LocalEntryNotFoundError:
-            raise ConfigError(
-                f"model.path={cfg.path!r} is not in the local hub cache; download it first "
-                f"(`hf download {cfg.path}`) or set model.path to a local folder"
-            ) from None
-    try:
-        return JanusUMM.from_pretrained(
-            str(path),
-            dtype=getattr(torch, cfg.dtype),
-            attn_implementation=attn_implementation(cfg.attn_implementation),
-            max_rows=getattr(cfg, "max_rows", 0),
-            instruction=getattr(cfg, "instruction", INSTRUCTION),
-        )
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"model.path={cfg.path!r}: {e}") from None
+    """(backend, transformers model) for a `ModelConfig`: the backend named by cfg.backend, weights from cfg.path."""
+    return backend_class(cfg.backend).load(cfg)

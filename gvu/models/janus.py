@@ -32,14 +32,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import kernels
-from gvu.models import gathered, saveable, unwrap
+from gvu.config import ConfigError, resolve_path
+from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
@@ -50,49 +51,18 @@ IMAGE_PROCESSING = {"size": 384, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.
 LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class PromptBatch:
-    """Tokenised prompts. ids/mask: the prompt's own tokens (as the assistant's answer), left-padded (B, Lp),
-    the reward's targets; gen_ids/gen_mask: the whole generation prefix [bos] ... [boi], left-padded (B, Pg)."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    texts: list[str]
-    gen_ids: torch.Tensor
-    gen_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def _rows(self, fn) -> PromptBatch:
-        return PromptBatch(fn(self.ids), fn(self.mask), self.texts, fn(self.gen_ids), fn(self.gen_mask))
-
-    def repeat_interleave(self, g: int) -> PromptBatch:
-        """Each prompt g times in a row: row b*g+i is prompt b."""
-        out = self._rows(lambda t: t.repeat_interleave(g, 0))
-        out.texts = [t for t in self.texts for _ in range(g)]
-        return out
-
-    def to(self, device) -> PromptBatch:
-        return self._rows(lambda t: t.to(device))
-
-    def __getitem__(self, idx) -> PromptBatch:
-        """Rows `idx` (slice or index list), keeping the batch's left padding."""
-        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
-        out = self._rows(lambda t: t[rows])
-        out.texts = [self.texts[i] for i in rows]
-        return out
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, L - len(r) :] = torch.tensor(r)
-            mask[i, L - len(r) :] = True
-    return ids, mask
+def _folder_problem(path: str) -> str | None:
+    """Why `path` is not an HF-format Janus checkpoint folder, or None."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        return f"{cfg_path} missing: not a Janus checkpoint folder"
+    model_type = json.loads(open(cfg_path).read()).get("model_type")
+    if model_type != "janus":
+        return (
+            f"model_type={model_type!r}, not 'janus'. The original deepseek-ai/Janus-Pro-* repos use remote code; "
+            "use the transformers conversions deepseek-community/Janus-Pro-1B / -7B"
+        )
+    return None
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -102,6 +72,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class JanusUMM:
     """Layout of a Janus-Pro UMM (tokenizer, chat format, image processing, a frozen VQ decoder); no LM weights."""
 
+    name = "janus"
+    abilities = frozenset({Ability.LORA_NARROWING})
     user, assistant = "<|User|>:", "\n\n<|Assistant|>:"
 
     def __init__(
@@ -166,20 +138,59 @@ class JanusUMM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        try:
+            problem = _folder_problem(cls.checkpoint_folder(cfg))
+        except ConfigError as e:
+            return e.problems
+        return [f"model.path={cfg.path!r}: {problem}"] if problem else []
+
+    @classmethod
+    def check_prompts(cls, cfg, texts: list[str]) -> list[str]:
+        return [
+            f"prompt {i}: empty; every prompt needs at least one token" for i, t in enumerate(texts) if not t.split()
+        ]
+
+    @staticmethod
+    def checkpoint_folder(cfg) -> str:
+        """cfg.path as a local folder, or a hub id resolved in the local hub cache only (no download)."""
+        path = resolve_path(cfg.path)
+        if path.exists():
+            return str(path)
+        if cfg.path.count("/") != 1 or cfg.path.startswith((".", "/", "~")):
+            raise ConfigError(
+                f"model.path={cfg.path!r}: no such folder, and not a hub id like deepseek-community/Janus-Pro-1B"
+            )
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(cfg.path, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise ConfigError(
+                f"model.path={cfg.path!r} is not in the local hub cache; download it first "
+                f"(`hf download {cfg.path}`) or set model.path to a local folder"
+            ) from None
+
+    @classmethod
+    def load(cls, cfg):
+        return cls.from_pretrained(
+            cls.checkpoint_folder(cfg),
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=attn_implementation(cfg.attn_implementation),
+            max_rows=cfg.max_rows,
+            instruction=cfg.instruction,
+        )
+
+    @classmethod
     def from_pretrained(cls, path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa", **kw):
         """(adapter, JanusForConditionalGeneration) from an HF-format Janus-Pro folder (config.json with
         model_type "janus", weights, tokenizer files, optional preprocessor_config.json)."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} missing: {path} is not a Janus checkpoint folder")
-        model_type = json.loads(open(cfg_path).read()).get("model_type")
-        if model_type != "janus":
-            raise ValueError(
-                f"{path}: model_type={model_type!r}, not 'janus'. The original deepseek-ai/Janus-Pro-* repos use "
-                "remote code; use the transformers conversions deepseek-community/Janus-Pro-1B / -7B"
-            )
+        problem = _folder_problem(path)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         model = JanusForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -219,8 +230,8 @@ class JanusUMM:
             full = self._tok(self._und_tail_text + " " + t)
             answers.append(full[len(tail) :] if full[: len(tail)] == tail else self._tok(" " + t))
             prefixes.append([self.bos] + self._tok(f"{self.user} {t}{self.assistant}") + [self.boi])
-        ids, mask = _left_pad(answers, self.pad)
-        gen_ids, gen_mask = _left_pad(prefixes, self.pad)
+        ids, mask = left_pad(answers, self.pad)
+        gen_ids, gen_mask = left_pad(prefixes, self.pad)
         batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
         return batch.to(device) if device is not None else batch
 
@@ -392,7 +403,7 @@ class JanusUMM:
 
     # ------------------------------------------------------------------------------------ understanding
 
-    def prompt_logprobs(self, model, images, prompts: PromptBatch):
+    def prompt_logprobs(self, model, images, prompts: PromptBatch, *, with_eos: bool = False):
         """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)), aligned with
         prompts.ids (left-padded); padded entries are 0.
 
@@ -401,6 +412,8 @@ class JanusUMM:
         prompt tokens, through kernels.linear_token_logprobs. The final <eos> is not scored (geometric mean over the
         prompt's own tokens, as the official GvU reward).
         """
+        if with_eos:
+            raise NotImplementedError("janus does not declare Ability.END_TOKEN: set grpo.reward_eos=false")
         n = len(prompts)
         if len(images) != n:
             raise ValueError(f"{len(images)} images but {n} prompts; pass one prompt per image")
@@ -409,6 +422,15 @@ class JanusUMM:
         for s in range(0, n, step):
             logp[s : s + step] = self._prompt_logprobs_rows(model, images[s : s + step], prompts[s : s + step])
         return logp, prompts.mask.clone()
+
+    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
+        """[bos] "<|User|>: " [boi] [image_placeholder] x und_len [eoi] tail prompt, right-padded, with the SigLIP
+        pixel_values, for `model(input_ids=..., pixel_values=...)`."""
+        pre = self._und_head + [self.image_token] * self.und_len + self._und_tail
+        prefix = torch.tensor(pre).expand(len(prompts), -1)
+        return understanding_rows(
+            prefix, prompts, self.pad, pixel_values=self.pixel_values(images, "cpu", torch.float32)
+        )
 
     def _prompt_logprobs_rows(self, model, images, prompts: PromptBatch) -> torch.Tensor:
         lm, body = self._parts(model)
@@ -437,77 +459,3 @@ class JanusUMM:
         logp = torch.zeros((n, Lp), dtype=torch.float32, device=dev)
         logp[rows, cols] = lp.float()
         return logp
-
-
-# ------------------------------------------------------------------------------------------- tiny models
-
-
-def tiny_tokenizer(words: list[str]):
-    """An offline PreTrainedTokenizerFast (WordLevel over `words` and the chat-format pieces) with Janus's
-    special tokens, for tests and benchmarks."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pre = pre_tokenizers.Whitespace()
-    corpus = f"{JanusUMM.user} {JanusUMM.assistant} {INSTRUCTION} " + " ".join(words)
-    pieces = dict.fromkeys(["<unk>"] + [w for w, _ in pre.pre_tokenize_str(corpus)])
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token="<unk>", padding_side="left"
-    )
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE, BOI, EOI]})
-    return fast
-
-
-def tiny_config(vocab_size: int, image_token_id: int, **text_overrides):
-    """A tiny random JanusConfig: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px (16 patches), a 4-level VQ
-    (32 channels, 64 codes) decoding a 4x4 grid to 32 px."""
-    from transformers import JanusConfig, LlamaConfig
-
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        **text_overrides,
-    )
-    vision = dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
-        projection_dim=64, num_image_tokens=16, mlp_ratio=2.0,
-    )  # fmt: skip
-    vq = dict(
-        embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 1, 1],
-        num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=2,
-    )  # fmt: skip
-    cfg = JanusConfig(
-        text_config=text.to_dict(),
-        vision_config=vision,
-        vq_config=vq,
-        image_token_id=image_token_id,
-        tie_word_embeddings=False,
-    )
-    return cfg
-
-
-def make_tiny_checkpoint(path: str, words: list[str], seed: int = 0) -> str:
-    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`."""
-    from transformers import GenerationConfig, JanusForConditionalGeneration
-
-    tok = tiny_tokenizer(words)
-    cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(IMAGE))
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(cfg).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI)},
-    )
-    adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": 32})
-    adapter.save_pretrained(path, model)
-    return path

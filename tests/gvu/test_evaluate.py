@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from gvu import shapes_world as W
-from gvu.evaluate import format_table, generation_scores, understanding_scores
-from gvu.models.toy import PromptBatch, ToyUMM
+from gvu.evaluate import format_table
+from gvu.models.base import PromptBatch
+from gvu.toy import prompts as WP
+from gvu.toy import world as W
+from gvu.toy.backend import ToyUMM
+from gvu.toy.evaluator import generation_scores, understanding_scores
 
 
 class OracleAdapter:
@@ -22,8 +25,8 @@ class OracleAdapter:
         self.truth = {}
 
     def tokenize_prompts(self, texts, device=None):
-        n = len(texts)
-        return PromptBatch(torch.ones(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.bool), list(texts))
+        ids, mask = torch.ones(len(texts), 3, dtype=torch.long), torch.ones(len(texts), 3, dtype=torch.bool)
+        return PromptBatch(ids, mask, list(texts), ids, mask)
 
     def generate(self, model, prompts, num_samples, sampling, generator=None):
         out = []
@@ -40,9 +43,9 @@ class OracleAdapter:
     def caption(self, model, images, greedy=True):
         return [self.truth[W.read_image(im).tobytes()] for im in np.asarray(images)]
 
-    def prompt_logprobs(self, model, images, prompts):
+    def prompt_logprobs(self, model, images, prompts, *, with_eos=False):
         codes = W.read_image(np.asarray(images))
-        ok = torch.tensor([W.evaluate(W.parse_prompt(t), c) for t, c in zip(prompts.texts, codes, strict=True)])
+        ok = torch.tensor([W.evaluate(WP.parse_prompt(t), c) for t, c in zip(prompts.texts, codes, strict=True)])
         logp = torch.where(ok[:, None], torch.zeros(len(ok), 3), torch.full((len(ok), 3), -5.0))
         return logp, prompts.mask
 
@@ -54,7 +57,7 @@ class Stub(torch.nn.Module):
 
 @pytest.fixture
 def metas():
-    _, ev = W.make_prompt_sets(0)
+    _, ev = WP.make_prompt_sets(0)
     return ev
 
 

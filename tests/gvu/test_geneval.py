@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gvu import geneval, shapes_world
-from gvu.models.toy import ToyUMM
+from gvu import geneval
+from gvu.toy import prompts as WP
+from gvu.toy.backend import ToyUMM
 
 
 def write_inputs(tmp_path: Path, backend: str, ckpt: Path, prompts: list[str]):
@@ -41,7 +42,7 @@ def toy_ckpt(tmp_path_factory):
 
 
 def test_toy_export_layout_resume_and_determinism(toy_ckpt, tmp_path, capsys):
-    prompts = [m["prompt"] for m in shapes_world.make_prompt_sets(0)[1][:3]]
+    prompts = [m["prompt"] for m in WP.make_prompt_sets(0)[1][:3]]
     cfg, meta, lines = write_inputs(tmp_path, "toy", toy_ckpt, prompts)
     out = tmp_path / "gen"
     args = ["--config", str(cfg), "--metadata", str(meta), "--out", str(out), "--samples", "2", "--batch", "2"]
@@ -69,10 +70,10 @@ def test_bad_inputs_give_an_error_code(toy_ckpt, tmp_path, capsys):
 
 
 def test_janus_export(tmp_path):
-    from gvu.models.janus import make_tiny_checkpoint
+    from gvu.testing import make_tiny_janus
 
     words = "a photo of red blue dog cat two".split()
-    ckpt = make_tiny_checkpoint(str(tmp_path / "janus"), words, seed=0)
+    ckpt = make_tiny_janus(str(tmp_path / "janus"), words, seed=0)
     cfg, meta, lines = write_inputs(tmp_path, "janus", ckpt, ["a photo of a red dog", "two blue cats"])
     out = tmp_path / "gen"
     args = ["--config", str(cfg), "--metadata", str(meta), "--out", str(out), "--samples", "2", "--batch", "2"]

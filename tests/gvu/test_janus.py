@@ -13,8 +13,9 @@ import torch
 
 from gvu.config import load_config
 from gvu.models import load_umm
-from gvu.models.janus import JanusUMM, make_tiny_checkpoint
+from gvu.models.janus import JanusUMM
 from gvu.rollout import SamplingConfig
+from gvu.testing import make_tiny_janus
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "a an photo of red blue green yellow dog cat car cup two three four and left right above below the".split()
@@ -23,7 +24,7 @@ PROMPTS = ["a photo of a red dog", "two cats", "a blue cup left of a green car a
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("janus") / "ckpt"), WORDS, seed=0)
+    path = make_tiny_janus(str(tmp_path_factory.mktemp("janus") / "ckpt"), WORDS, seed=0)
     adapter, model = JanusUMM.from_pretrained(path)
     return path, adapter, model
 
@@ -242,19 +243,20 @@ def check_run(out):
 
 def test_two_training_steps_in_process_zero2_move_every_lora_parameter(tiny, tmp_path):
     """The short version of the run below: train_step twice on one rank, in this process."""
+    from gvu import engine as E
     from gvu import train
     from gvu.data import PromptSampler, load_prompt_sets
     from gvu.metrics import PhaseTimer
 
     path, _, _ = tiny
     cfg = load_config(write_run_files(tmp_path, path, 2), [f"--train.output_dir={tmp_path / 'run'}"])
-    rank, world = train.init_distributed()
-    adapter, model = train.build_model(cfg)
+    rank, world = E.init_distributed()
+    adapter, model = E.build(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    engine = train.make_engine(model, cfg, world)
+    engine = E.make_engine(model, cfg, world)
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
     for step in range(2):
-        m = train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
+        m, _ = train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
         assert np.isfinite(m["loss"]) and 0 < m["reward/mean"] < 1 and m["reward/group_std"] > 0
     after = dict(engine.module.named_parameters())
     unchanged = [n for n in before if torch.equal(before[n], after[n].detach())]

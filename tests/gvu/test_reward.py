@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gvu import shapes_world as W
-from gvu.models.toy import ToyUMM
 from gvu.reward import geometric_mean_reward, intrinsic_reward
+from gvu.toy import prompts as WP
+from gvu.toy import world as W
+from gvu.toy.backend import ToyUMM
 
 SHIPPED = Path(__file__).resolve().parents[2] / "gvu" / "assets" / "toy_umm"
 
@@ -36,7 +37,7 @@ def test_reward_equals_full_vocab_softmax_of_a_plain_forward(with_eos):
     adapter, model = ToyUMM.new_model(seed=1)
     model.eval()
     rng = random.Random(0)
-    train, _ = W.make_prompt_sets(0)
+    train, _ = WP.make_prompt_sets(0)
     metas = [train[i] for i in rng.sample(range(len(train)), 5)]
     codes = np.stack([W.sample_scene(m, rng) for m in metas])
     images = W.render(codes)
@@ -64,11 +65,11 @@ def test_shipped_model_prefers_its_own_prompt_over_a_one_word_change(kind):
     """The paper's check: the reward of an image is higher for its own prompt than with one word changed."""
     adapter, model = ToyUMM.from_pretrained(str(SHIPPED))
     rng = random.Random(1)
-    _, evals = W.make_prompt_sets(0)
+    _, evals = WP.make_prompt_sets(0)
     true_p, false_p, imgs = [], [], []
     for m in evals:
         scene = W.sample_scene(m, rng)
-        q = W.perturb(m, kind, rng, image=scene)
+        q = WP.perturb(m, kind, rng, image=scene)
         if q is not None:
             true_p.append(m["prompt"])
             false_p.append(q["prompt"])
@@ -85,7 +86,7 @@ def test_end_token_penalises_objects_the_prompt_does_not_name():
     """With the end token scored, adding an unnamed object to a scene lowers the reward (a hedge is not free)."""
     adapter, model = ToyUMM.from_pretrained(str(SHIPPED))
     rng = random.Random(2)
-    _, evals = W.make_prompt_sets(0)
+    _, evals = WP.make_prompt_sets(0)
     metas = [m for m in evals if m["tag"] in ("single_object", "colors", "counting")]
     exact, extra = [], []
     for m in metas:

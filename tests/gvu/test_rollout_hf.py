@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gvu.models.toy import ToyUMM
 from gvu.rollout import SamplingConfig
+from gvu.toy.backend import ToyUMM
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a photo of a red circle", "a photo of three stars", "a photo of a blue square left of a green heart"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gvu.config import ConfigError, load_config
-from gvu.models.toy import ToyUMM
+from gvu.toy.backend import ToyUMM
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,18 +38,19 @@ def small_overrides(ckpt, out, steps):
 
 
 def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_ckpt, tmp_path):
+    from gvu import engine as E
     from gvu import train
     from gvu.data import PromptSampler, load_prompt_sets
     from gvu.metrics import PhaseTimer
 
     cfg = load_config(None, small_overrides(tiny_ckpt, tmp_path, 2) + ["--optim.warmup_steps=0"])
-    rank, world = train.init_distributed()
-    adapter, model = train.build_model(cfg)
+    rank, world = E.init_distributed()
+    adapter, model = E.build(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine = train.make_engine(model, cfg, world)
+    engine = E.make_engine(model, cfg, world)
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
     for step in range(2):
-        m = train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
+        m, _ = train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
         assert m["reward/group_std"] > 0, "all rewards equal: the test could not move anything"
     after = dict(engine.module.named_parameters())
     trainable = [n for n, p in after.items() if p.requires_grad]
@@ -63,6 +64,7 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_ckpt,
 def test_second_update_reuses_the_first_updates_logprobs_as_old(tiny_ckpt, tmp_path, monkeypatch):
     # updates_per_rollout=2 over 2 micro-batches: update 0 runs at the rollout's weights (DeepSpeed steps once per
     # update), so its log-probs are update 1's old log-probs and no separate old-log-prob pass is needed.
+    from gvu import engine as E
     from gvu import train
     from gvu.data import PromptSampler, load_prompt_sets
     from gvu.metrics import PhaseTimer
@@ -72,9 +74,9 @@ def test_second_update_reuses_the_first_updates_logprobs_as_old(tiny_ckpt, tmp_p
         small_overrides(tiny_ckpt, tmp_path, 1)
         + ["--optim.warmup_steps=0", "--grpo.updates_per_rollout=2", "--grpo.micro_batch_size=8", "--grpo.beta=0"],
     )
-    rank, world = train.init_distributed()
-    adapter, model = train.build_model(cfg)
-    engine = train.make_engine(model, cfg, world)
+    rank, world = E.init_distributed()
+    adapter, model = E.build(cfg)
+    engine = E.make_engine(model, cfg, world)
     lora = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
     calls, real_loss = [], train.grpo_loss
 
@@ -87,7 +89,7 @@ def test_second_update_reuses_the_first_updates_logprobs_as_old(tiny_ckpt, tmp_p
     real_lp = adapter.image_logprobs
     monkeypatch.setattr(adapter, "image_logprobs", lambda *a, **k: passes.append(1) or real_lp(*a, **k))
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
-    m = train.train_step(engine, adapter, sampler.batch(0), cfg, 0, rank, PhaseTimer())
+    m, _ = train.train_step(engine, adapter, sampler.batch(0), cfg, 0, rank, PhaseTimer())
     assert len(calls) == 4 and len(passes) == 4, "2 updates x 2 micro-batches, and no extra old-log-prob pass"
     w0 = calls[0][2]
     for i in (0, 1):  # update 0: on-policy, at the rollout's weights
@@ -170,21 +172,16 @@ def test_profile_writes_a_trace_with_the_phases(tiny_ckpt, tmp_path):
 
 def test_lora_on_the_output_head_is_refused(tiny_ckpt, tmp_path):
     # the log-prob kernels read lm_head.weight directly, so a LoRA on the head would be silently skipped
-    from gvu import train
-
-    cfg = load_config(None, small_overrides(tiny_ckpt, tmp_path, 1) + ["--lora.target_modules=[q_proj,lm_head]"])
     with pytest.raises(ConfigError, match="lm_head"):
-        train.build_model(cfg)
+        load_config(None, small_overrides(tiny_ckpt, tmp_path, 1) + ["--lora.target_modules=[q_proj,lm_head]"])
 
 
 def test_lr_schedule_warms_up_then_stays_constant_or_follows_the_cosine_to_its_floor():
-    from gvu import train
+    from gvu import engine as E
 
-    const = train.lr_lambda(load_config(None, ["--optim.warmup_steps=10", "--train.steps=110"]))
+    const = E.lr_lambda(load_config(None, ["--optim.warmup_steps=10", "--train.steps=110"]))
     assert const(0) == pytest.approx(0.1) and const(9) == 1.0 and const(109) == 1.0
-    cos = train.lr_lambda(
-        load_config(None, ["--optim.warmup_steps=10", "--train.steps=110", "--optim.schedule=cosine"])
-    )
+    cos = E.lr_lambda(load_config(None, ["--optim.warmup_steps=10", "--train.steps=110", "--optim.schedule=cosine"]))
     assert cos(9) == 1.0 and cos(10) == 1.0
     assert cos(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
     assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)  # floor: optim.min_lr_ratio
@@ -197,7 +194,8 @@ def test_lr_schedule_warms_up_then_stays_constant_or_follows_the_cosine_to_its_f
 def test_factorised_image_head_update_trains_is_off_in_the_reference_and_reloads(tiny_ckpt, tmp_path):
     from peft import PeftModel
 
-    from gvu import train
+    from gvu import checkpoint, train
+    from gvu import engine as E
     from gvu.data import PromptSampler, load_prompt_sets
     from gvu.metrics import PhaseTimer
     from gvu.models import adapter_disabled, load_policy_updates, policy_updates
@@ -205,12 +203,12 @@ def test_factorised_image_head_update_trains_is_off_in_the_reference_and_reloads
     cfg = load_config(
         None, small_overrides(tiny_ckpt, tmp_path, 2) + ["--optim.warmup_steps=0", "--lora.image_head=factorised"]
     )
-    rank, world = train.init_distributed()
-    adapter, model = train.build_model(cfg)
+    rank, world = E.init_distributed()
+    adapter, model = E.build(cfg)
     (update,) = policy_updates(model).values()
     head = model.get_output_embeddings()
     base_weight = head.parametrizations.weight.original.detach().clone()
-    engine = train.make_engine(model, cfg, world)
+    engine = E.make_engine(model, cfg, world)
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
     for step in range(2):
         train.train_step(engine, adapter, sampler.batch(step), cfg, step, rank, PhaseTimer())
@@ -223,7 +221,7 @@ def test_factorised_image_head_update_trains_is_off_in_the_reference_and_reloads
         assert torch.equal(head.weight, base_weight)  # the reference policy is the base's head
     assert update.enabled
 
-    train.save_checkpoint(engine, tmp_path / "run", 2, {}, True, 1)  # what the trainer writes
+    checkpoint.save_checkpoint(engine, tmp_path / "run", 2, {}, True, 1)  # what the trainer writes
     out = tmp_path / "run" / "adapter"
     assert (out / "policy_updates.safetensors").exists()
     _, base = ToyUMM.from_pretrained(str(tiny_ckpt))
@@ -236,7 +234,7 @@ def test_factorised_image_head_update_trains_is_off_in_the_reference_and_reloads
 
 
 def test_factorised_image_head_update_is_refused_under_zero3(tiny_ckpt, tmp_path):
-    from gvu import train
+    from gvu import validate
 
     cfg = load_config(
         None,
@@ -244,4 +242,4 @@ def test_factorised_image_head_update_is_refused_under_zero3(tiny_ckpt, tmp_path
         + ["--lora.image_head=factorised", "--train.deepspeed=configs/ds_zero3.json"],
     )
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        train.build_model(cfg)
+        validate.check(cfg)

@@ -5,139 +5,36 @@ Sequence layouts (an image is 6 rows of 6 codes, each row closed by <eor> as in 
     unconditional  [bos] [boi] row1 <eor> ... row6 <eor> [eoi]          (CFG's branch; prompt dropped ~10%)
     understanding  [bos] [boi] row1 <eor> ... row6 <eor> [eoi] [describe] prompt [eos]
 Image tokens handed to and from the trainer are CODE indices 0..K-1 (K = 121) in raster order, without
-<eor>; the adapter inserts <eor>. In the vocabulary the codes are one contiguous block of ids, so the code rows
+<eor>; the backend inserts <eor>. In the vocabulary the codes are one contiguous block of ids, so the code rows
 of lm_head are a view of its weight.
 
 Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine);
 `backbone_and_head` gives the decoder body (last hidden states) and the lm_head, which is applied only where
-log-probs are needed, through kernels.linear_token_logprobs.
+log-probs are needed, through kernels.linear_token_logprobs. The contract is gvu/models/base.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 import kernels
-from gvu import shapes_world as W
 from gvu.models import backbone_and_head, gathered, saveable, unwrap
+from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
-
-SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<boi>", "<eoi>", "<eor>", "<describe>")
-WORDS = tuple(
-    dict.fromkeys(
-        ["a", "an", "photo", "of", "and", "left", "right", "above", "below", "two", "three", "four"]
-        + list(W.SIZES)
-        + list(W.COLORS)
-        + list(W.SHAPES)
-        + [W.PLURALS[s] for s in W.SHAPES]
-    )
-)
-
-
-@dataclass
-class PromptBatch:
-    """Left-padded prompt word ids (no bos/boi): ids int64 (B, Lp), mask bool (B, Lp) True at real tokens."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    texts: list[str]
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def repeat_interleave(self, g: int) -> PromptBatch:
-        """Each prompt g times in a row: (B, Lp) -> (B*g, Lp); row b*g+i is prompt b."""
-        return PromptBatch(
-            self.ids.repeat_interleave(g, 0),
-            self.mask.repeat_interleave(g, 0),
-            [t for t in self.texts for _ in range(g)],
-        )
-
-    def to(self, device) -> PromptBatch:
-        return PromptBatch(self.ids.to(device), self.mask.to(device), self.texts)
-
-    def __getitem__(self, idx) -> PromptBatch:
-        """Rows `idx` (slice or index list), keeping the left padding of the batch."""
-        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
-        return PromptBatch(self.ids[rows], self.mask[rows], [self.texts[i] for i in rows])
-
-
-def build_tokenizer() -> Tokenizer:
-    """WordLevel tokenizer over specials + words + one token per image code (<c0>..<c120>)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(f"<c{k}>" for k in range(W.NUM_CODES)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
-
-
-def default_config(vocab_size: int, **overrides):
-    """A tiny Llama: d=96, 3 layers, 4 heads, FFN 384 (the prototype's size, ~0.45M parameters)."""
-    from transformers import LlamaConfig
-
-    kw = dict(
-        vocab_size=vocab_size,
-        hidden_size=96,
-        intermediate_size=384,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=SPECIALS.index("<bos>"),
-        eos_token_id=SPECIALS.index("<eos>"),
-    )
-    kw.update(overrides)
-    cfg = LlamaConfig(**kw)
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-class FactorisedCodeRows(torch.nn.Module):
-    """Parametrisation of lm_head.weight (V, D): the image-code rows become sums of attribute rows.
-
-    row(empty) = E; row(code of shape s, colour c, size z) = S[s] + C[c] + Z[z]. `attributes` is the fixed
-    one-hot matrix (K, 1 + shapes + colours + sizes) and `table` the learned attribute rows; the other rows of
-    the weight (words, specials) stay free. Removing the parametrisation leaves an ordinary (V, D) weight.
-    With `residual`, the sums are added to the weight's own code rows instead (a factorised update of a
-    trained head; init 0 starts at the head itself). `enabled = False` gives the weight back unchanged (the
-    reference policy of a trained residual update; see gvu.models.adapter_disabled).
-    """
-
-    def __init__(self, offset: int, hidden: int, init: float = 0.02, residual: bool = False):
-        super().__init__()
-        self.residual = residual
-        self.enabled = True
-        self.policy_update = residual  # a residual update is part of the trained policy (off in the reference)
-        n_s, n_c, n_z = len(W.SHAPES), len(W.COLORS), len(W.SIZES)
-        a = torch.zeros(W.NUM_CODES, 1 + n_s + n_c + n_z)
-        a[0, 0] = 1.0
-        for k in range(1, W.NUM_CODES):
-            s, c, z = W.attrs_of(k)
-            a[k, 1 + s] = a[k, 1 + n_s + c] = a[k, 1 + n_s + n_c + z] = 1.0
-        self.register_buffer("attributes", a)
-        self.table = torch.nn.Parameter(torch.randn(a.shape[1], hidden) * init)
-        self.offset = offset
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        end = self.offset + W.NUM_CODES
-        rows = self.attributes @ self.table
-        if self.residual:
-            rows = weight[self.offset : end] + rows
-        return torch.cat([weight[: self.offset], rows, weight[end:]])
+from gvu.toy import world as W
+from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
 
 
 class ToyUMM:
     """Layout of the toy UMM (tokenizer, sequence formats, renderer); holds no weights."""
+
+    name = "toy"
+    abilities = frozenset({Ability.CAPTION, Ability.END_TOKEN, Ability.IMAGE_HEAD_UPDATE})
 
     row = W.GRID
     image_len = W.IMAGE_LEN  # codes per image, without <eor>
@@ -173,6 +70,38 @@ class ToyUMM:
         return adapter, model
 
     @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        from gvu.config import resolve_path
+
+        path = resolve_path(cfg.path)
+        if not path.is_dir():
+            return [f"model.path={cfg.path!r}: no such folder (looked in the cwd and the repo)"]
+        if not (path / "tokenizer.json").exists():
+            return [
+                f"model.path={cfg.path!r} has no tokenizer.json: not a toy UMM checkpoint (make one with "
+                "`python -m gvu.toy.pretrain --out <dir>`)"
+            ]
+        return []
+
+    @classmethod
+    def check_prompts(cls, cfg, texts: list[str]) -> list[str]:
+        """The vocabulary is closed: every word must be one of WORDS."""
+        known = set(WORDS)
+        out = []
+        for t in texts:
+            bad = [w for w in t.split() if w not in known]
+            if bad or not t.split():
+                out.append(f"prompt {t!r}: words outside the toy vocabulary {bad or '(empty prompt)'}")
+        return out
+
+    @classmethod
+    def load(cls, cfg):
+        from gvu.config import resolve_path
+
+        adapter, model = cls.from_pretrained(str(resolve_path(cfg.path)))
+        return adapter, model.to(getattr(torch, cfg.dtype))
+
+    @classmethod
     def from_pretrained(cls, path: str):
         """(adapter, model) from a directory written by `save_pretrained`."""
         from transformers import AutoModelForCausalLM
@@ -181,7 +110,7 @@ class ToyUMM:
         if not os.path.exists(tok_path):
             raise FileNotFoundError(
                 f"{tok_path} missing: {path} is not a toy UMM checkpoint (make one with "
-                "`python -m gvu.pretrain_toy --out <dir>`)"
+                "`python -m gvu.toy.pretrain --out <dir>`)"
             )
         adapter = cls(Tokenizer.from_file(tok_path))
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
@@ -233,19 +162,13 @@ class ToyUMM:
         return ids
 
     def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
-        """Prompts -> left-padded PromptBatch (B, Lp) of word ids (no bos/boi; the layouts add them)."""
+        """Prompts -> PromptBatch: word ids (B, Lp) and generation prefixes [bos] words [boi] (B, Lp + 2), both
+        left-padded."""
         rows = [self.encode_text(t) for t in texts]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, L - len(r) :] = torch.tensor(r)
-            mask[i, L - len(r) :] = True
-        return (
-            PromptBatch(ids, mask, list(texts)).to(device)
-            if device is not None
-            else PromptBatch(ids, mask, list(texts))
-        )
+        ids, mask = left_pad(rows, self.pad)
+        gen_ids, gen_mask = left_pad([[self.bos, *r, self.boi] for r in rows], self.pad)
+        batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
+        return batch.to(device) if device is not None else batch
 
     def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
         """Codes (N, 36) -> uint8 pixels (N, 96, 96, 3)."""
@@ -266,19 +189,14 @@ class ToyUMM:
     # ---------------------------------------------------------------------------------------- sequences
 
     def _prefix(self, prompts: PromptBatch, unconditional: bool = False):
-        """Left-padded generation prefix [bos] prompt [boi]: ids (N, Lp+2), attention mask (N, Lp+2) long."""
-        n, L = prompts.ids.shape
-        dev = prompts.ids.device
-        bos = torch.full((n, 1), self.bos, dtype=torch.long, device=dev)
-        boi = torch.full((n, 1), self.boi, dtype=torch.long, device=dev)
-        if unconditional:  # [bos][boi] left-padded to the same length, so cond and uncond rows share one batch
-            ids = torch.cat([torch.full((n, L), self.pad, dtype=torch.long, device=dev), bos, boi], 1)
-            mask = torch.cat(
-                [torch.zeros((n, L), dtype=torch.long, device=dev), torch.ones((n, 2), dtype=torch.long, device=dev)], 1
-            )
-            return ids, mask
-        ones = torch.ones((n, 1), dtype=torch.long, device=dev)
-        return torch.cat([bos, prompts.ids, boi], 1), torch.cat([ones, prompts.mask.long(), ones], 1)
+        """Left-padded generation prefix [bos] prompt [boi]: ids (N, Lp+2), attention mask (N, Lp+2) long; the
+        unconditional one is [bos][boi] left-padded to the same length, so both branches share one batch."""
+        ids, mask = prompts.gen_ids, prompts.gen_mask.long()
+        if unconditional:
+            ids, mask = torch.full_like(ids, self.pad), torch.zeros_like(mask)
+            ids[:, -2], ids[:, -1] = self.bos, self.boi
+            mask[:, -2:] = 1
+        return ids, mask
 
     @staticmethod
     def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -398,7 +316,7 @@ class ToyUMM:
 
         return torch.cat([col(self.bos), col(self.boi), self.image_layout(codes), col(self.eoi), col(self.describe)], 1)
 
-    def prompt_logprobs(self, model, images, prompts: PromptBatch, with_eos: bool = False):
+    def prompt_logprobs(self, model, images, prompts: PromptBatch, *, with_eos: bool = False):
         """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)), aligned with
         prompts.ids (left-padded); padded entries are 0.
 
@@ -443,6 +361,10 @@ class ToyUMM:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
         return logp, mask
 
+    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
+        """[bos][boi] image [eoi][describe] prompt, right-padded, for `model(input_ids=...)`."""
+        return understanding_rows(self._understanding_prefix(self.encode(images)), prompts, self.pad)
+
     @torch.no_grad()
     def caption(self, model, images, greedy: bool = True, max_words: int = 16, generator=None) -> list[str]:
         """Understanding branch writing a prompt for each image: uint8 (N, 96, 96, 3) -> N strings.
@@ -484,41 +406,3 @@ class ToyUMM:
             words = row[: row.index(self.eos)] if self.eos in row else row
             texts.append(self.tokenizer.decode(words, skip_special_tokens=True))
         return texts
-
-    # ----------------------------------------------------------------------------------------- training
-
-    def training_batch(self, texts: list[str | None], codes: torch.Tensor, understanding: list[bool]):
-        """Right-padded pretraining sequences -> (input ids (N, L), target ids (N, L) with -100 unscored).
-
-        Row i is the understanding sequence of (codes[i], texts[i]) when understanding[i], else the generation
-        sequence; texts[i] None means the unconditional generation sequence. Targets: the codes of a
-        generation row, the prompt words and <eos> of an understanding row (position t predicts token t+1).
-        """
-        seqs, tgts = [], []
-        layouts = self.image_layout(codes).tolist()
-        for text, lay, und in zip(texts, layouts, understanding, strict=True):
-            words = self.encode_text(text) if text is not None else []
-            if und:
-                s = [self.bos, self.boi] + lay + [self.eoi, self.describe] + words + [self.eos]
-                scored = set(range(len(s) - len(words) - 1, len(s)))
-            else:
-                s = [self.bos] + words + [self.boi] + lay + [self.eoi]
-                start = len(words) + 2
-                scored = {start + j for j in self.code_slots.tolist()}
-            seqs.append(s)
-            tgts.append([s[j] if j in scored else -100 for j in range(len(s))])
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
-        tg = torch.full((len(seqs), L), -100, dtype=torch.long)
-        for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            tg[i, : len(t) - 1] = torch.tensor(t[1:])  # the state at t predicts token t+1
-        return ids, tg
-
-    def training_loss(self, model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over scored positions (full vocabulary), fp32 scalar with grad."""
-        body, head = backbone_and_head(model)
-        h = body(input_ids=ids).last_hidden_state
-        keep = targets != -100
-        lp = kernels.linear_token_logprobs(h[keep], head.weight, targets[keep], bias=head.bias)
-        return -lp.mean()

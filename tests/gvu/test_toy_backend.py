@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from gvu import shapes_world as W
 from gvu.models import adapter_disabled
-from gvu.models.toy import PromptBatch, ToyUMM
+from gvu.models.base import PromptBatch
 from gvu.rollout import SamplingConfig
+from gvu.toy import world as W
+from gvu.toy.backend import ToyUMM
+from gvu.toy.pretrain import training_batch, training_loss
 
 PROMPTS = ["a photo of a red circle", "a photo of three stars", "a photo of a blue square left of a green heart"]
 
@@ -140,11 +142,11 @@ def test_caption_and_training_batch(toy):
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
     assert all(w in adapter.tokenizer.get_vocab() for c in caps for w in c.split())
     codes = torch.randint(0, adapter.num_codes, (3, 36))
-    ids, tg = adapter.training_batch([PROMPTS[0], None, PROMPTS[1]], codes, [True, False, False])
+    ids, tg = training_batch(adapter, [PROMPTS[0], None, PROMPTS[1]], codes, [True, False, False])
     assert ids.shape == tg.shape
     assert (tg[1] >= adapter.code_offset).sum() == 36 and (tg[2] >= adapter.code_offset).sum() == 36
     assert (tg[0] != -100).sum() == len(PROMPTS[0].split()) + 1  # words + <eos>
-    loss = adapter.training_loss(model, ids, tg)
+    loss = training_loss(model, ids, tg)
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
@@ -183,6 +185,8 @@ def test_peft_policy_and_reference(toy):
 
 
 def test_prompt_batch_slicing():
-    pb = PromptBatch(torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.bool), ["x", "y", "z"])
+    ids, mask = torch.arange(6).view(3, 2), torch.ones(3, 2, dtype=torch.bool)
+    pb = PromptBatch(ids, mask, ["x", "y", "z"], ids + 10, mask)
     assert pb[1:].texts == ["y", "z"] and pb[[2, 0]].ids.tolist() == [[4, 5], [0, 1]]
+    assert pb[[2, 0]].gen_ids.tolist() == [[14, 15], [10, 11]] and pb.repeat_interleave(2).texts[:3] == ["x", "x", "y"]
     assert W.IMAGE_LEN == ToyUMM.image_len

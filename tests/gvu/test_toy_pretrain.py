@@ -2,9 +2,10 @@ import json
 
 import torch
 
-from gvu import shapes_world as W
-from gvu.models.toy import FactorisedCodeRows, ToyUMM
-from gvu.pretrain_toy import main
+from gvu.toy import world as W
+from gvu.toy.backend import ToyUMM
+from gvu.toy.modeling import FactorisedCodeRows
+from gvu.toy.pretrain import main
 
 
 def test_factorised_code_rows_are_sums_of_attribute_rows_and_leave_other_rows_free():

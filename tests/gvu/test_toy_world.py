@@ -5,7 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from gvu import shapes_world as W
+from gvu.toy import prompts as WP
+from gvu.toy import world as W
 
 
 def scene(*objs):
@@ -17,7 +18,7 @@ def scene(*objs):
 
 
 def meta(prompt):
-    m = W.parse_prompt(prompt)
+    m = WP.parse_prompt(prompt)
     assert m is not None, prompt
     return m
 
@@ -36,16 +37,16 @@ def test_render_read_round_trip():
 
 
 def test_prompt_sets_disjoint_reproducible_and_cover_tags():
-    tr, ev = W.make_prompt_sets(0)
-    tr2, ev2 = W.make_prompt_sets(0)
+    tr, ev = WP.make_prompt_sets(0)
+    tr2, ev2 = WP.make_prompt_sets(0)
     assert tr == tr2 and ev == ev2
     assert {m["prompt"] for m in tr}.isdisjoint({m["prompt"] for m in ev})
-    assert {W.meaning_key(m) for m in tr}.isdisjoint({W.meaning_key(m) for m in ev})
+    assert {WP.meaning_key(m) for m in tr}.isdisjoint({WP.meaning_key(m) for m in ev})
     assert {m["tag"] for m in ev} == set(W.TAGS) == {m["tag"] for m in tr}
-    _, ev3 = W.make_prompt_sets(1)
+    _, ev3 = WP.make_prompt_sets(1)
     assert [m["prompt"] for m in ev3] != [m["prompt"] for m in ev]
     for m in tr[::97] + ev:
-        assert W.parse_prompt(m["prompt"], m["tag"]) == m
+        assert WP.parse_prompt(m["prompt"], m["tag"]) == m
 
 
 def test_wording():
@@ -55,9 +56,9 @@ def test_wording():
     m = meta("a photo of a blue square left of a green heart")
     assert m["include"][0] == {"class": "heart", "count": 1, "color": "green"}
     assert m["include"][1]["position"] == ["left of", 0]
-    assert W.parse_prompt("a photo of a orange star") is None  # 'an orange star'
-    assert W.parse_prompt("a photo of two circle") is None
-    assert W.parse_prompt("a photo of a circle and a circle") is None
+    assert WP.parse_prompt("a photo of a orange star") is None  # 'an orange star'
+    assert WP.parse_prompt("a photo of two circle") is None
+    assert WP.parse_prompt("a photo of a circle and a circle") is None
 
 
 def test_evaluator_hand_made_scenes():
@@ -110,7 +111,7 @@ def test_score_table():
 
 
 def test_sampled_scenes_satisfy_their_prompts():
-    tr, ev = W.make_prompt_sets(0)
+    tr, ev = WP.make_prompt_sets(0)
     rng = random.Random(0)
     for m in ev + rng.sample(tr, 200):
         c = W.sample_scene(m, rng)
@@ -121,13 +122,13 @@ def test_sampled_scenes_satisfy_their_prompts():
 
 @pytest.mark.parametrize("kind", W.PERTURB_KINDS)
 def test_perturbations_are_false_and_change_one_word(kind):
-    tr, ev = W.make_prompt_sets(0)
+    tr, ev = WP.make_prompt_sets(0)
     rng = random.Random(1)
     n = 0
     for m in ev:
         c = W.sample_scene(m, rng)
         for img in (None, c):
-            q = W.perturb(m, kind, rng, image=img)
+            q = WP.perturb(m, kind, rng, image=img)
             if q is None:
                 assert kind in ("color", "position")
                 continue
@@ -140,4 +141,4 @@ def test_perturbations_are_false_and_change_one_word(kind):
                 assert sum(x != y for x, y in zip(a, b, strict=True)) <= 2  # the word (+ 'a'/'an' agreement)
     assert n > 0
     with pytest.raises(ValueError, match="unknown perturbation"):
-        W.perturb(ev[0], "size_of_sky", rng)
+        WP.perturb(ev[0], "size_of_sky", rng)

@@ -1,6 +1,6 @@
 """Pretrain the toy UMM of the shapes world on both directions, with a deliberately weaker generation side.
 
-    python -m gvu.pretrain_toy --out gvu/assets/toy_umm
+    python -m gvu.toy.pretrain --out gvu/assets/toy_umm
 
 Each step draws a batch of (train prompt, scene consistent with it) pairs; a share `--gen-frac` become
 caption -> image sequences (prompt dropped with probability `--drop-prompt`, so CFG's unconditional branch is
@@ -23,10 +23,51 @@ import numpy as np
 import torch
 
 import kernels
-from gvu import shapes_world as W
-from gvu.evaluate import format_table, generation_scores, understanding_scores
+from gvu.evaluate import format_table
 from gvu.models import backbone_and_head
-from gvu.models.toy import FactorisedCodeRows, ToyUMM
+from gvu.toy import prompts as WP
+from gvu.toy import world as W
+from gvu.toy.backend import ToyUMM
+from gvu.toy.evaluator import generation_scores, understanding_scores
+from gvu.toy.modeling import FactorisedCodeRows
+
+
+def training_batch(backend: ToyUMM, texts: list[str | None], codes: torch.Tensor, understanding: list[bool]):
+    """Right-padded pretraining sequences -> (input ids (N, L), target ids (N, L) with -100 unscored).
+
+    Row i is the understanding sequence of (codes[i], texts[i]) when understanding[i], else the generation
+    sequence; texts[i] None means the unconditional generation sequence. Targets: the codes of a
+    generation row, the prompt words and <eos> of an understanding row (position t predicts token t+1).
+    """
+    seqs, tgts = [], []
+    layouts = backend.image_layout(codes).tolist()
+    for text, lay, und in zip(texts, layouts, understanding, strict=True):
+        words = backend.encode_text(text) if text is not None else []
+        if und:
+            s = [backend.bos, backend.boi] + lay + [backend.eoi, backend.describe] + words + [backend.eos]
+            scored = set(range(len(s) - len(words) - 1, len(s)))
+        else:
+            s = [backend.bos] + words + [backend.boi] + lay + [backend.eoi]
+            start = len(words) + 2
+            scored = {start + j for j in backend.code_slots.tolist()}
+        seqs.append(s)
+        tgts.append([s[j] if j in scored else -100 for j in range(len(s))])
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), backend.pad, dtype=torch.long)
+    tg = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        tg[i, : len(t) - 1] = torch.tensor(t[1:])  # the state at t predicts token t+1
+    return ids, tg
+
+
+def training_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over scored positions (full vocabulary), fp32 scalar with grad."""
+    body, head = backbone_and_head(model)
+    h = body(input_ids=ids).last_hidden_state
+    keep = targets != -100
+    lp = kernels.linear_token_logprobs(h[keep], head.weight, targets[keep], bias=head.bias)
+    return -lp.mean()
 
 
 def parse_args(argv=None):
@@ -126,7 +167,7 @@ def draw_batch(adapter: ToyUMM, train: list[dict], by_tag: dict, rng: random.Ran
         u = rng.random() >= args.gen_frac
         und.append(u)
         texts.append(None if (not u and rng.random() < args.drop_prompt) else meta["prompt"])
-    ids, tg = adapter.training_batch(texts, torch.from_numpy(np.stack(codes)), und)
+    ids, tg = training_batch(adapter, texts, torch.from_numpy(np.stack(codes)), und)
     return ids, tg, torch.tensor(und)
 
 
@@ -153,7 +194,7 @@ def run(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    train, evals = W.make_prompt_sets(args.seed)
+    train, evals = WP.make_prompt_sets(args.seed)
     by_tag = {}
     for m in train:
         by_tag.setdefault(m["tag"], []).append(m)

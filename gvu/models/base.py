@@ -1,0 +1,211 @@
+"""The backend contract: what the trainer needs from a unified multimodal model (docs/DESIGN.md, "Backends").
+
+A backend holds a model's *layout* (tokenizer, sequence formats, image codec) and no trained weights. Every
+method that runs the network takes the module to run first: the policy is the peft model inside the DeepSpeed
+engine, the reference is the same module inside `gvu.models.adapter_disabled`. Backends are registered by name
+in `gvu.models` (`model.backend`), and what a backend can do beyond the required methods is declared in its
+`abilities`; the configuration check (gvu.config.check) refuses options that need an undeclared ability, so the
+trainer, reward and evaluation code never probe a backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from gvu.config import ModelConfig
+    from gvu.rollout import SamplingConfig
+
+
+class Ability(str, enum.Enum):
+    """Optional abilities of a backend; each names the method (or keyword) it adds to the contract."""
+
+    CAPTION = "caption"  # caption(model, images, greedy=True, max_words=16, generator=None) -> list[str]
+    END_TOKEN = "end_token"  # prompt_logprobs(..., with_eos=True) also scores the caption's end token
+    IMAGE_HEAD_UPDATE = "image_head_update"  # add_image_head_update(model): a trained update of the image head
+    LORA_NARROWING = "lora_narrowing"  # lora_targets(names): peft target_modules limited to the language model
+
+
+# the option that needs each ability, for the configuration check's message
+ABILITY_OPTIONS = {
+    Ability.CAPTION: "the shapes world's understanding evaluation (data.prompts=shapes)",
+    Ability.END_TOKEN: "grpo.reward_eos=true",
+    Ability.IMAGE_HEAD_UPDATE: "lora.image_head=factorised",
+}
+ABILITY_METHODS = {
+    Ability.CAPTION: "caption",
+    Ability.IMAGE_HEAD_UPDATE: "add_image_head_update",
+    Ability.LORA_NARROWING: "lora_targets",
+}
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised prompts, the one batch type every backend returns from `tokenize_prompts`.
+
+    ids / mask: the prompt's own tokens as the understanding turn scores them (the reward's targets),
+        left-padded, int64 (B, Lp) / bool (B, Lp) True at real tokens.
+    gen_ids / gen_mask: the whole generation prefix up to the begin-of-image token, left-padded, int64 (B, Pg) /
+        bool (B, Pg): what a plain `model.generate` would be given (benchmarks, parity tests).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+    gen_ids: torch.Tensor
+    gen_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def _map(self, fn, texts: list[str]) -> PromptBatch:
+        return PromptBatch(fn(self.ids), fn(self.mask), texts, fn(self.gen_ids), fn(self.gen_mask))
+
+    def repeat_interleave(self, g: int) -> PromptBatch:
+        """Each prompt g times in a row: (B, .) -> (B*g, .); row b*g+i is prompt b."""
+        return self._map(lambda t: t.repeat_interleave(g, 0), [t for t in self.texts for _ in range(g)])
+
+    def to(self, device) -> PromptBatch:
+        return self._map(lambda t: t.to(device), self.texts)
+
+    def __getitem__(self, idx) -> PromptBatch:
+        """Rows `idx` (slice or index list), keeping the batch's left padding."""
+        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
+        return self._map(lambda t: t[rows], [self.texts[i] for i in rows])
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids int64 (B, L) and mask bool (B, L)."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r) :] = torch.tensor(r)
+            mask[i, L - len(r) :] = True
+    return ids, mask
+
+
+@dataclass
+class UnderstandingInputs:
+    """The reward's teacher-forced understanding rows as a plain forward of the model takes them.
+
+    input_ids int64 (N, P + L) right-padded: the understanding prefix (image placeholders included) then the prompt;
+    forward_kwargs: what else the forward needs (e.g. pixel_values (N, 3, S, S)); targets int64 (N, L) / mask bool
+    (N, L): the prompt tokens scored, left-aligned, so position P - 1 + j predicts targets[:, j]. Baselines (the
+    official per-token loop, an eager full-logits pass) and tests read this; the trainer does not.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    forward_kwargs: dict = field(default_factory=dict)
+
+
+def understanding_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, **forward_kwargs) -> UnderstandingInputs:
+    """Each row's understanding prefix (N, P) then its prompt tokens, right-padded -> UnderstandingInputs."""
+    words = [row[m].tolist() for row, m in zip(prompts.ids.cpu(), prompts.mask.cpu(), strict=True)]
+    (n, P), L = prefix.shape, max(len(w) for w in words)
+    ids = torch.full((n, P + L), pad, dtype=torch.long)
+    ids[:, :P] = prefix.cpu()
+    targets = torch.full((n, L), pad, dtype=torch.long)
+    mask = torch.zeros((n, L), dtype=torch.bool)
+    for i, w in enumerate(words):
+        ids[i, P : P + len(w)] = targets[i, : len(w)] = torch.tensor(w, dtype=torch.long)
+        mask[i, : len(w)] = True
+    return UnderstandingInputs(ids, targets, mask, forward_kwargs)
+
+
+class UMMBackend(Protocol):
+    """A unified multimodal model as the trainer sees it. Image tokens are codebook ids int64 (N, image_len) in
+    raster order; row b*G + g of a rollout is sample g of prompt b. Every log-prob is fp32."""
+
+    name: ClassVar[str]
+    abilities: ClassVar[frozenset[Ability]]
+    image_len: int  # image tokens per image
+    num_codes: int  # codebook size K: image tokens are in [0, K)
+
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> list[str]:
+        """Problems with the model section (the checkpoint folder and its files), found without loading weights."""
+
+    @classmethod
+    def check_prompts(cls, cfg: ModelConfig, texts: list[str]) -> list[str]:
+        """Problems with prompt texts (empty, words outside a closed vocabulary), found without loading weights."""
+
+    @classmethod
+    def load(cls, cfg: ModelConfig) -> tuple[UMMBackend, nn.Module]:
+        """(backend, transformers model in eval mode, dtype cfg.dtype) from cfg.path; no download."""
+
+    def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
+        """B prompt texts -> PromptBatch (B rows)."""
+
+    def generate(
+        self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None
+    ) -> torch.Tensor:
+        """Sample `num_samples` images per prompt -> int64 (B*G, image_len), with sampling's CFG / temperature /
+        top-k / top-p / min-p; greedy sampling must equal the model's own `generate` (tested)."""
+
+    def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
+        """int64 (N, image_len) -> uint8 pixels (N, H, W, 3)."""
+
+    def image_logprobs(
+        self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature: float = 1.0, cfg_scale=1.0
+    ) -> torch.Tensor:
+        """log p(code_t | prompt, codes_<t) -> fp32 (B*G, image_len), differentiable; prompts has B rows, tokens
+        G consecutive rows per prompt. cfg_scale > 1 scores the CFG-combined distribution rollout sampled from."""
+
+    def prompt_logprobs(
+        self, model, images, prompts: PromptBatch, *, with_eos: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(prompt_j | instruction, image, prompt_<j) for uint8 images (N, H, W, 3) and N prompt rows ->
+        (logp fp32 (N, Lp), mask bool (N, Lp)) aligned with prompts.ids; one batched teacher-forced pass, a row's
+        values independent of its batch. `with_eos` (Ability.END_TOKEN) appends the end token's column (N, Lp+1)."""
+
+    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
+        """The rows `prompt_logprobs` scores, for a plain forward (baselines and tests)."""
+
+
+REQUIRED = ("tokenize_prompts", "generate", "decode", "image_logprobs", "prompt_logprobs", "understanding_inputs")
+REQUIRED_CLASSMETHODS = ("check_config", "check_prompts", "load")
+
+
+def contract_problems(cls: type) -> list[str]:
+    """What a backend class lacks of the contract: required methods, declared abilities' methods, attributes."""
+    who = getattr(cls, "__name__", str(cls))
+    out = []
+    if not isinstance(getattr(cls, "name", None), str):
+        out.append(f"{who}.name must be the backend's registered name (a str)")
+    abilities = getattr(cls, "abilities", None)
+    if not isinstance(abilities, frozenset) or not all(isinstance(a, Ability) for a in abilities):
+        out.append(f"{who}.abilities must be a frozenset of gvu.models.base.Ability")
+        abilities = frozenset()
+    for m in REQUIRED + REQUIRED_CLASSMETHODS:
+        if not callable(getattr(cls, m, None)):
+            out.append(f"{who}.{m} is missing (required by the backend contract)")
+    for a in abilities:
+        m = ABILITY_METHODS.get(a)
+        if m and not callable(getattr(cls, m, None)):
+            out.append(f"{who} declares {a.value} but has no {m}()")
+    pl = getattr(cls, "prompt_logprobs", None)
+    if callable(pl) and "with_eos" not in inspect.signature(pl).parameters:
+        out.append(f"{who}.prompt_logprobs must take the keyword with_eos (False unless it declares end_token)")
+    return out
+
+
+def require(backend: type | UMMBackend, ability: Ability) -> str | None:
+    """None if the backend declares `ability`, else the configuration check's message naming backend and option."""
+    if ability in backend.abilities:
+        return None
+    return (
+        f"{ABILITY_OPTIONS.get(ability, ability.value)} needs the backend ability {ability.value!r}, which "
+        f"model.backend={backend.name!r} does not have (its abilities: {sorted(a.value for a in backend.abilities)})"
+    )

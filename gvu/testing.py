@@ -1,0 +1,110 @@
+"""Test scaffolding: tiny random models of every backend, built offline (tests and benchmarks; not the trainer).
+
+tiny_backend("toy"|"janus", folder) -> (backend, model)   # what tests/gvu/test_backends.py checks
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gvu.models.janus import BOI, BOS, EOI, EOS, IMAGE, INSTRUCTION, PAD, JanusUMM
+
+
+def tiny_janus_tokenizer(words: list[str]):
+    """An offline PreTrainedTokenizerFast (WordLevel over `words` and the chat-format pieces) with Janus's
+    special tokens, for tests and benchmarks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    corpus = f"{JanusUMM.user} {JanusUMM.assistant} {INSTRUCTION} " + " ".join(words)
+    pieces = dict.fromkeys(["<unk>"] + [w for w, _ in pre.pre_tokenize_str(corpus)])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token="<unk>", padding_side="left"
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE, BOI, EOI]})
+    return fast
+
+
+def tiny_janus_config(vocab_size: int, image_token_id: int, **text_overrides):
+    """A tiny random JanusConfig: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px (16 patches), a 4-level VQ
+    (32 channels, 64 codes) decoding a 4x4 grid to 32 px."""
+    from transformers import JanusConfig, LlamaConfig
+
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **text_overrides,
+    )
+    vision = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=64, num_image_tokens=16, mlp_ratio=2.0,
+    )  # fmt: skip
+    vq = dict(
+        embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=2,
+    )  # fmt: skip
+    cfg = JanusConfig(
+        text_config=text.to_dict(),
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=image_token_id,
+        tie_word_embeddings=False,
+    )
+    return cfg
+
+
+def make_tiny_janus(path: str, words: list[str], seed: int = 0) -> str:
+    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`."""
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    tok = tiny_janus_tokenizer(words)
+    cfg = tiny_janus_config(len(tok), tok.convert_tokens_to_ids(IMAGE))
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI)},
+    )
+    adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": 32})
+    adapter.save_pretrained(path, model)
+    return path
+
+
+JANUS_WORDS = (
+    "a an photo of red blue green yellow dog cat car cup two three four and left right above below the".split()
+)
+
+
+def _tiny_toy(folder: str):
+    from gvu.toy.backend import ToyUMM
+
+    return ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+
+
+def _tiny_janus(folder: str):
+    path = make_tiny_janus(f"{folder}/janus", JANUS_WORDS, seed=0)
+    return JanusUMM.from_pretrained(path)
+
+
+# every registered backend needs an entry (tests/gvu/test_backends.py fails for one without)
+TINY_BACKENDS = {"toy": _tiny_toy, "janus": _tiny_janus}
+TINY_PROMPTS = {"toy": ["a photo of a red circle", "two blue stars"], "janus": ["a photo of a red dog", "two cats"]}
+
+
+def tiny_backend(name: str, folder: str):
+    """(backend, eval-mode model) of a tiny random model of backend `name`, built offline under `folder`."""
+    backend, model = TINY_BACKENDS[name](folder)
+    return backend, model.eval()

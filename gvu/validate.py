@@ -1,0 +1,91 @@
+"""The one configuration check, run before any process group, run folder or model load (gvu/train.py).
+
+    check(cfg, world)   -> None, or ConfigError listing every problem found, each naming the field (or the
+                           file and line) and the fix
+
+It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
+options need), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files (every
+line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks
+(ranges, choices) already ran when the config was loaded (gvu.config.load_config).
+"""
+
+from __future__ import annotations
+
+from gvu.config import Config, ConfigError
+from gvu.models import Ability, backend_class, require
+
+MAX_LISTED = 10  # prompt problems listed one by one; the rest are counted
+
+
+def check(cfg: Config, world: int = 1) -> None:
+    problems = backend_problems(cfg) + engine_problems(cfg, world) + data_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def backend_problems(cfg: Config) -> list[str]:
+    try:
+        backend = backend_class(cfg.model.backend)
+    except ConfigError as e:
+        return e.problems
+    out = backend.check_config(cfg.model)
+    needs = []
+    if cfg.grpo.reward_eos:
+        needs.append(Ability.END_TOKEN)
+    if cfg.lora.image_head != "none":
+        needs.append(Ability.IMAGE_HEAD_UPDATE)
+    if cfg.data.prompts == "shapes" and (cfg.train.eval_before or cfg.train.eval_after):
+        needs.append(Ability.CAPTION)
+    return out + [msg for msg in (require(backend, a) for a in needs) if msg]
+
+
+def engine_problems(cfg: Config, world: int) -> list[str]:
+    from gvu.engine import read_deepspeed_json, zero_stage
+
+    out = []
+    try:
+        ds = read_deepspeed_json(cfg)
+    except ConfigError as e:
+        out += e.problems
+    else:
+        if cfg.lora.image_head != "none" and zero_stage(ds) == 3:
+            out.append(
+                f"lora.image_head={cfg.lora.image_head} trains the output head, which ZeRO-3 partitions: use "
+                "train.deepspeed=configs/ds_zero2.json or lora.image_head=none"
+            )
+    g = cfg.grpo
+    if g.prompts_per_step % world:
+        out.append(f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the number of ranks ({world})")
+    else:
+        n_local = g.prompts_per_step * g.group_size // world
+        micro = g.micro_batch_size or n_local
+        if n_local % micro:
+            out.append(
+                f"grpo.micro_batch_size={micro} must divide the {n_local} sequences each of the {world} ranks trains on"
+            )
+    return out
+
+
+def data_problems(cfg: Config) -> list[str]:
+    from gvu.data import load_prompt_sets
+
+    try:
+        train, evals = load_prompt_sets(cfg.data)
+    except ConfigError as e:
+        return e.problems
+    out = []
+    if not train:
+        out.append("the training set is empty (data.prompts / data.train_tags)")
+    try:
+        backend = backend_class(cfg.model.backend)
+    except ConfigError:
+        return out  # already reported by backend_problems
+    texts = list(dict.fromkeys(m["prompt"] for m in train + evals))
+    bad = backend.check_prompts(cfg.model, texts)
+    if bad:
+        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+        out.append(
+            f"{len(bad)} prompts of data.prompts / data.eval_file cannot be read by model.backend="
+            f"{cfg.model.backend!r}{more}: " + "; ".join(bad[:MAX_LISTED])
+        )
+    return out
