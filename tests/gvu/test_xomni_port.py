@@ -180,6 +180,16 @@ def test_inputs_embeds_with_multimodal_mask_equals_input_ids(model, rec):
         model(inputs_embeds=emb)
 
 
+def test_generate_from_inputs_embeds_matches_released(model, rec):
+    ids, mask = rec["gen_prompt_ids"][:1], rec["gen_attention_mask"][:1]
+    assert mask.all()  # row 0 is the longer prompt: no padding
+    with torch.no_grad():
+        emb, mm = model.model.embed(ids)
+    model.set_generation_mode("image")
+    out = model.generate(inputs_embeds=emb, multimodal_mask=mm, attention_mask=mask, generation_config=greedy_config())
+    assert torch.equal(out, rec["gen_greedy"][:1, ids.shape[1] :])  # generate returns the new tokens only
+
+
 def test_image_helpers_agree_with_the_image_mode_logits(model, rec):
     ids = rec["mixed_ids"]
     with torch.no_grad():

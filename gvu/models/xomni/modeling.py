@@ -247,9 +247,17 @@ class XOmniForCausalLM(XOmniPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
         )
 
-    def prepare_inputs_for_generation(self, *args, multimodal_mask=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, multimodal_mask=None, **kwargs
+    ):
         """As GenerationMixin's; `multimodal_mask` goes with `inputs_embeds` (the prefill) only, later steps are ids."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
         if inputs.get("inputs_embeds") is not None:
             inputs["multimodal_mask"] = multimodal_mask
         return inputs
