@@ -22,6 +22,7 @@ Recorded in `recorded.safetensors` (fp32, batch-first):
     gen_prompt_ids, gen_attention_mask (2, P)   two left-padded prompts, each ending in <SOM>H W<IMAGE>
     gen_greedy (2, P + H*W)              greedy image-mode generate (suppress_tokens = the mm specials), no CFG
     gen_cfg_prompt_ids (1, P1), gen_cfg_negative_ids (1, 5), gen_cfg (1, P1 + H*W)   greedy with CFG (scale 3)
+    gen_sample (4, P + H*W)              sampled as the GRPO rollout (min-p 0.03, 2 per prompt), torch seed 1234
 `meta.json` holds the token layout, generation settings, versions and the smallest greedy top-2 margin.
 """
 
@@ -46,6 +47,7 @@ SOM, EOM, IMG = VOCAB + IMAGE_VOCAB, VOCAB + IMAGE_VOCAB + 1, VOCAB + IMAGE_VOCA
 DIGIT0, SPACE, PAD = 10, 20, 0  # '0'..'9' -> 10..19, ' ' -> 20, pad -> 0
 H = W = 4
 CFG_SCALE = 3.0
+SAMPLE_SEED = 1234
 
 
 def load_released(folder: Path, real_vision: bool):
@@ -144,22 +146,26 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def greedy(model, ids, mask, **kw):
-    """The released generate call (batch_generate.py / grpo_trainer.py) with do_sample=False; returns (ids, margin)."""
+def released_generate(model, ids, mask, negative_ids=None, **settings):
+    """The released generate call (batch_generate.py / grpo_trainer.py): image mode, h*w new tokens, the mm specials
+    suppressed, `negative_prompt_ids` for CFG; `settings` go into its GenerationConfig."""
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(
         max_new_tokens=H * W,
-        do_sample=False,
         suppress_tokens=[SOM, EOM, IMG],
         pad_token_id=PAD,
         output_scores=True,
         return_dict_in_generate=True,
-        **{k: v for k, v in kw.items() if k == "guidance_scale"},
+        **settings,
     )
-    out = model.generate(
-        inputs=ids, attention_mask=mask, generation_config=cfg, **{k: v for k, v in kw.items() if k != "guidance_scale"}
-    )
+    kw = {} if negative_ids is None else {"negative_prompt_ids": negative_ids}
+    return model.generate(inputs=ids, attention_mask=mask, generation_config=cfg, **kw)
+
+
+def greedy(model, ids, mask, negative_ids=None, **settings):
+    """-> (sequences, the smallest top-2 score margin over all steps)."""
+    out = released_generate(model, ids, mask, negative_ids, do_sample=False, **settings)
     top2 = torch.stack(out.scores, 1).float().topk(2, dim=-1).values  # (B, T, 2)
     return out.sequences, (top2[..., 0] - top2[..., 1]).min().item()
 
@@ -185,8 +191,14 @@ def record(model) -> tuple[dict, dict]:
         neg = torch.tensor([image_prefix(H, W)])
         out["gen_cfg_prompt_ids"], out["gen_cfg_negative_ids"] = c_ids, neg
         out["gen_cfg"], meta["gen_cfg_min_margin"] = greedy(
-            model, c_ids, torch.ones_like(c_ids), guidance_scale=CFG_SCALE, negative_prompt_ids=neg
+            model, c_ids, torch.ones_like(c_ids), neg, guidance_scale=CFG_SCALE
         )
+
+        # The GRPO rollout's sampler (grpo_trainer.py defaults): min-p 0.03, temperature 1, top-p 1, G samples a prompt.
+        torch.manual_seed(SAMPLE_SEED)
+        out["gen_sample"] = released_generate(
+            model, p_ids, p_mask, do_sample=True, temperature=1.0, min_p=0.03, top_p=1.0, num_return_sequences=2
+        ).sequences
         model.set_generation_mode("text")
     return {k: v.contiguous() for k, v in out.items()}, meta
 
@@ -253,6 +265,8 @@ def main():
         pad_id=PAD,
         image_hw=[H, W],
         cfg_scale=CFG_SCALE,
+        sample_seed=SAMPLE_SEED,
+        sample_settings={"temperature": 1.0, "min_p": 0.03, "top_p": 1.0, "num_return_sequences": 2},
         seed=args.seed,
         attn_implementation=model.config._attn_implementation,
         vision_modules="real (flash_attn stubbed)" if args.real_vision else "stand-ins",

@@ -44,11 +44,10 @@ def logits(model, mode, ids, **kw):
         return model(input_ids=ids, **kw).logits
 
 
-def greedy_config(**kw):
+def gen_config(**kw):
     hw = META["image_hw"]
-    return GenerationConfig(
-        max_new_tokens=hw[0] * hw[1], do_sample=False, suppress_tokens=SPECIALS, pad_token_id=META["pad_id"], **kw
-    )
+    kw = {"do_sample": False, **kw}
+    return GenerationConfig(max_new_tokens=hw[0] * hw[1], suppress_tokens=SPECIALS, pad_token_id=META["pad_id"], **kw)
 
 
 def test_loads_released_folder_with_its_key_names():
@@ -85,7 +84,7 @@ def test_hidden_states_match_released(model, rec):
 def test_greedy_image_generate_matches_released(model, rec):
     model.set_generation_mode("image")
     out = model.generate(
-        inputs=rec["gen_prompt_ids"], attention_mask=rec["gen_attention_mask"], generation_config=greedy_config()
+        inputs=rec["gen_prompt_ids"], attention_mask=rec["gen_attention_mask"], generation_config=gen_config()
     )
     assert torch.equal(out, rec["gen_greedy"])
     new = out[:, rec["gen_prompt_ids"].shape[1] :]
@@ -98,10 +97,24 @@ def test_greedy_image_generate_with_cfg_matches_released(model, rec):
     out = model.generate(
         inputs=ids,
         attention_mask=torch.ones_like(ids),
-        generation_config=greedy_config(guidance_scale=META["cfg_scale"]),
+        generation_config=gen_config(guidance_scale=META["cfg_scale"]),
         negative_prompt_ids=rec["gen_cfg_negative_ids"],
     )
     assert torch.equal(out, rec["gen_cfg"])
+
+
+def test_sampled_image_generate_matches_released(model, rec):
+    """The GRPO rollout's sampler (min-p 0.03, 2 samples a prompt) under the same torch seed: same probabilities,
+    same draws (both sides run torch 2.13's multinomial)."""
+    model.set_generation_mode("image")
+    torch.manual_seed(META["sample_seed"])
+    out = model.generate(
+        inputs=rec["gen_prompt_ids"],
+        attention_mask=rec["gen_attention_mask"],
+        generation_config=gen_config(do_sample=True, **META["sample_settings"]),
+    )
+    assert torch.equal(out, rec["gen_sample"])
+    assert not torch.equal(out[0], out[1])  # two different samples of one prompt
 
 
 def test_greedy_generate_equals_teacher_forced_argmax(model, rec):
@@ -186,7 +199,7 @@ def test_generate_from_inputs_embeds_matches_released(model, rec):
     with torch.no_grad():
         emb, mm = model.model.embed(ids)
     model.set_generation_mode("image")
-    out = model.generate(inputs_embeds=emb, multimodal_mask=mm, attention_mask=mask, generation_config=greedy_config())
+    out = model.generate(inputs_embeds=emb, multimodal_mask=mm, attention_mask=mask, generation_config=gen_config())
     assert torch.equal(out, rec["gen_greedy"][:1, ids.shape[1] :])  # generate returns the new tokens only
 
 
