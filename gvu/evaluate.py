@@ -145,7 +145,7 @@ def per_prompt_scores(backend, model, metas, samples: int, sampling, score_image
     was_training = getattr(model, "training", False)
     model.eval()
     out = []
-    for i in progress(range(0, len(metas), batch_size), "eval generation", enabled=bar, unit_scale=batch_size):
+    for i in progress(range(0, len(metas), batch_size), f"eval (batches of {batch_size} prompts)", enabled=bar):
         chunk = metas[i : i + batch_size]
         prompts = backend.tokenize_prompts([m["prompt"] for m in chunk], device=_device(model))
         images = backend.decode(backend.generate(model, prompts, samples, sampling, generator=gen))

@@ -54,18 +54,29 @@ def atomic_dir(path: str | Path):
     return _cm()
 
 
-def progress(iterable, desc: str, enabled: bool = True, total: int | None = None, unit_scale=False, unit="it"):
-    """`iterable` with a progress bar (rate, ETA) on stderr when `enabled` (rank 0); plain iteration otherwise.
-    Off a terminal (CI logs) the bar refreshes every 30 s instead of every 0.1 s."""
+def progress(iterable, desc: str, enabled: bool = True, total: int | None = None):
+    """`iterable` with progress (count, rate, ETA) on stderr when `enabled` (rank 0): a tqdm bar on a terminal,
+    else (logs, CI) one plain line at most every 30 s and at the end."""
     if not enabled:
-        return iterable
+        yield from iterable
+        return
     import sys
 
-    from tqdm.auto import tqdm
+    total = (len(iterable) if total is None and hasattr(iterable, "__len__") else total) or 0
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, unit_scale=unit_scale, unit=unit, mininterval=0.1 if tty else 30,
-                dynamic_ncols=True, leave=True)  # fmt: skip
+        yield from tqdm(iterable, desc=desc, total=total, dynamic_ncols=True)
+        return
+    t0 = last = time.perf_counter()
+    done = 0
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= 30 or done == total:
+            last, rate = now, done / max(now - t0, 1e-9)
+            eta = f", ETA {(total - done) / rate:.0f} s" if total else ""
+            print(f"{desc}: {done}/{total} ({rate:.2f}/s{eta})", file=sys.stderr)
 
 
 class PhaseTimer:

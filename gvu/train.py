@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     timer, phase_totals = PhaseTimer(), {}
     profiler = make_profiler(run_dir) if cfg.train.profile else None
     steps_done, t_train = start_step, time.time()
-    bar = progress(range(start_step, cfg.train.steps), "train", enabled=is_main, total=cfg.train.steps - start_step)
-    for step in bar:
+    for step in progress(range(start_step, cfg.train.steps), "train", enabled=is_main):
         t0 = time.time()
         metas = sampler.batch(step)
         metrics, images = train_step(engine, backend, metas, cfg, step, rank, timer)
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.step()
         if is_main and (steps_done % cfg.train.log_every == 0 or steps_done in (1, cfg.train.steps)):
-            bar.write(step_line(steps_done, cfg.train.steps, metrics, phases))
+            print(step_line(steps_done, cfg.train.steps, metrics, phases), flush=True)
         out_of_time = cfg.train.time_limit_minutes and (time.time() - t_train) / 60 > cfg.train.time_limit_minutes
         if steps_done % cfg.train.save_every == 0 or out_of_time:
             checkpoint.save_checkpoint(
@@ -253,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         if out_of_time:
             say(f"train.time_limit_minutes={cfg.train.time_limit_minutes} reached at step {steps_done}")
             break
-    if is_main:
-        bar.close()
     if profiler is not None:
         profiler.stop()
     checkpoint.save_checkpoint(engine, run_dir, steps_done, {"results": results}, is_main, cfg.train.keep_checkpoints)
