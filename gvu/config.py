@@ -331,8 +331,10 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + `--a.b=value` / `a.b=value` overrides -> Config; every problem reported at once."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[Config, list[str]]:
+    """YAML file (optional) + `--a.b=value` / `a.b=value` overrides -> (Config, every problem found). Fields with a
+    problem keep their defaults. Raises ConfigError only when there is nothing to build from (a missing or invalid
+    YAML file, an override without `=`)."""
     tree: dict = {}
     if path is not None:
         p = resolve_path(str(path))
@@ -352,7 +354,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(tree, key, yaml.safe_load(raw) if raw else "")
     problems: list[str] = []
     cfg = _build(Config, tree, "", problems)
-    problems += cfg.problems()  # fields with a bad type kept their default, so these are the others' problems
+    return cfg, problems + cfg.problems()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """parse_config, raising ConfigError with every problem when there is any."""
+    cfg, problems = parse_config(path, overrides)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -30,7 +30,7 @@ import torch
 import kernels
 from gvu import checkpoint, validate
 from gvu import engine as E
-from gvu.config import Config, ConfigError, field_help, load_config
+from gvu.config import Config, ConfigError, field_help
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.evaluate import evaluator_for, format_table, write_samples
 from gvu.grpo import grpo_loss
@@ -42,7 +42,8 @@ DEFAULT_CONFIG = "configs/toy.yaml"
 
 
 def parse_args(argv: list[str] | None) -> Config:
-    """Experiment YAML + --section.field=value overrides -> Config; --help lists every field."""
+    """Experiment YAML + --section.field=value overrides -> the checked Config (gvu.validate.load_checked); --help
+    lists every field."""
     p = argparse.ArgumentParser(
         description="GvU: GRPO post-training of a unified multimodal model with its own understanding as reward.",
         epilog="Every field below can be set in the YAML (section: {field: value}) or as --section.field=value.",
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> Config:
         if not (r.startswith("--") and "=" in r and "." in r.split("=")[0]):
             raise ConfigError(f"unrecognised argument {r!r}; overrides look like --section.field=value")
         overrides.append(r)
-    return load_config(args.config, overrides)
+    return validate.load_checked(args.config, overrides, world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -168,8 +169,7 @@ def reward_metrics(rewards: torch.Tensor, G: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
-        validate.check(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))  # before anything starts
+        cfg = parse_args(argv)  # every check, before anything starts
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr)

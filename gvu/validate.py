@@ -1,7 +1,8 @@
 """The one configuration check, run before any process group, run folder or model load (gvu/train.py).
 
-    check(cfg, world)   -> None, or ConfigError listing every problem found, each naming the field (or the
-                           file and line) and the fix
+    check(cfg, world)                    -> None, or ConfigError listing every problem found, each naming the
+                                            field (or the file and line) and the fix
+    load_checked(path, overrides, world) -> Config: the YAML + overrides' problems and check's, reported together
 
 It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
 options need), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files (every
@@ -11,7 +12,9 @@ line), the tags, and every prompt's words against a backend with a closed vocabu
 
 from __future__ import annotations
 
-from gvu.config import Config, ConfigError
+from pathlib import Path
+
+from gvu.config import Config, ConfigError, parse_config
 from gvu.models import Ability, backend_class, require
 
 MAX_LISTED = 10  # prompt problems listed one by one; the rest are counted
@@ -21,6 +24,18 @@ def check(cfg: Config, world: int = 1) -> None:
     problems = backend_problems(cfg) + engine_problems(cfg, world) + data_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def load_checked(path: str | Path | None, overrides: list[str], world: int = 1) -> Config:
+    """The run's Config, or ConfigError with every problem of the file, the overrides and the check at once."""
+    cfg, problems = parse_config(path, overrides)
+    try:
+        check(cfg, world)  # fields with a problem kept their defaults, so this finds the other fields' problems
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def backend_problems(cfg: Config) -> list[str]:

@@ -77,8 +77,8 @@ class PromptBatch:
         return self._map(lambda t: t.to(device), self.texts)
 
     def __getitem__(self, idx) -> PromptBatch:
-        """Rows `idx` (slice or index list), keeping the batch's left padding."""
-        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
+        """Rows `idx` (an index, a slice or an index list) as a batch, keeping the batch's left padding."""
+        rows = [idx] if isinstance(idx, int) else list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
         return self._map(lambda t: t[rows], [self.texts[i] for i in rows])
 
 

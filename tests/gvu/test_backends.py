@@ -1,0 +1,121 @@
+"""The backend contract (gvu/models/base.py), checked on every registered backend with a tiny random model."""
+
+import numpy as np
+import pytest
+import torch
+
+from gvu.config import ConfigError, SamplingConfig, load_config
+from gvu.models import Ability, backend_class, backend_names, contract_problems, policy_updates, register_backend
+from gvu.testing import TINY_BACKENDS, TINY_PROMPTS, tiny_backend
+
+G = 2
+
+
+@pytest.fixture(scope="module", params=backend_names())
+def tiny(request, tmp_path_factory):
+    name = request.param
+    assert name in TINY_BACKENDS, f"backend {name!r} has no tiny model in gvu.testing.TINY_BACKENDS"
+    backend, model = tiny_backend(name, str(tmp_path_factory.mktemp(name)))
+    return name, backend, model, backend.tokenize_prompts(TINY_PROMPTS[name])
+
+
+def test_class_meets_the_contract(tiny):
+    name, backend, _, _ = tiny
+    cls = backend_class(name)
+    assert contract_problems(cls) == [] and cls.name == name and isinstance(backend, cls)
+
+
+def test_prompt_batch(tiny):
+    _, _, _, p = tiny
+    B = len(TINY_PROMPTS[tiny[0]])
+    assert len(p) == B and p.texts == TINY_PROMPTS[tiny[0]]
+    for ids, mask in ((p.ids, p.mask), (p.gen_ids, p.gen_mask)):
+        assert ids.dtype == torch.int64 and mask.dtype == torch.bool and ids.shape == mask.shape and ids.shape[0] == B
+        assert bool(mask[:, -1].all()), "left padding: every row ends with a real token"
+    assert p.repeat_interleave(G)[1].texts == [p.texts[0]]
+
+
+def test_rollout_decode_and_image_logprobs(tiny):
+    _, backend, model, p = tiny
+    gen = torch.Generator().manual_seed(0)
+    tokens = backend.generate(model, p, G, SamplingConfig(temperature=1.0), generator=gen)
+    assert tokens.dtype == torch.int64 and tokens.shape == (len(p) * G, backend.image_len)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < backend.num_codes
+    greedy = SamplingConfig(greedy=True)
+    assert torch.equal(backend.generate(model, p, G, greedy), backend.generate(model, p, G, greedy))
+    pixels = backend.decode(tokens)
+    assert isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
+    assert pixels.ndim == 4 and pixels.shape[0] == len(tokens) and pixels.shape[-1] == 3
+    for cfg_scale in (1.0, 3.0):
+        lp = backend.image_logprobs(model, p, tokens, temperature=1.0, cfg_scale=cfg_scale)
+        assert lp.dtype == torch.float32 and lp.shape == tokens.shape
+        assert torch.isfinite(lp).all() and bool((lp <= 1e-6).all())
+
+
+def test_prompt_logprobs_equal_a_plain_forward_of_understanding_inputs(tiny):
+    """The reward's one pass (head only at prompt positions) against the full-vocabulary softmax of a plain
+    forward of the same rows, row by row."""
+    _, backend, model, p = tiny
+    tokens = backend.generate(model, p, G, SamplingConfig(greedy=True))
+    images, rows = backend.decode(tokens), p.repeat_interleave(G)
+    logp, mask = backend.prompt_logprobs(model, images, rows, with_eos=False)
+    assert logp.dtype == torch.float32 and mask.dtype == torch.bool and logp.shape == mask.shape == rows.ids.shape
+    u = backend.understanding_inputs(images, rows)
+    P = u.input_ids.shape[1] - u.targets.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=u.input_ids, **u.forward_kwargs).logits.double()
+    plain = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, u.targets.unsqueeze(-1)).squeeze(-1)
+    for i in range(len(rows)):
+        torch.testing.assert_close(logp[i][mask[i]].double(), plain[i][u.mask[i]], rtol=1e-4, atol=1e-5)
+
+
+def test_declared_abilities_work_and_undeclared_ones_are_refused_by_the_config_check(tiny, tmp_path):
+    from gvu import validate
+
+    name, backend, model, p = tiny
+    images = backend.decode(backend.generate(model, p, 1, SamplingConfig(greedy=True)))
+    if Ability.END_TOKEN in backend.abilities:
+        logp, mask = backend.prompt_logprobs(model, images, p, with_eos=True)
+        assert logp.shape == (len(p), p.ids.shape[1] + 1) and bool(mask[:, -1].all())
+    if Ability.CAPTION in backend.abilities:
+        caps = backend.caption(model, images)
+        assert isinstance(caps, list) and len(caps) == len(p) and all(isinstance(c, str) for c in caps)
+    if Ability.LORA_NARROWING in backend.abilities:
+        assert backend.lora_targets(["q_proj"])
+    if Ability.IMAGE_HEAD_UPDATE in backend.abilities:
+        from peft import LoraConfig, get_peft_model
+
+        peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        backend.add_image_head_update(peft)
+        assert policy_updates(peft)
+    # the options that need a missing ability fail the one config check, naming the backend and the option
+    options = {Ability.END_TOKEN: "--grpo.reward_eos=true", Ability.IMAGE_HEAD_UPDATE: "--lora.image_head=factorised"}
+    for ability, option in options.items():
+        if ability not in backend.abilities:
+            cfg = load_config(None, [f"--model.backend={name}", option])
+            with pytest.raises(ConfigError, match=f"model.backend={name!r}.*{ability.value}|{ability.value}.*{name}"):
+                validate.check(cfg)
+
+
+def test_check_config_names_a_missing_checkpoint(tiny, tmp_path):
+    name = tiny[0]
+    cfg = load_config(None, [f"--model.backend={name}", f"--model.path={tmp_path / 'nowhere'}"])
+    problems = backend_class(name).check_config(cfg.model)
+    assert problems and all("model.path" in m for m in problems)
+
+
+def test_registry_lists_known_backends_and_takes_new_ones():
+    with pytest.raises(ConfigError, match=r"known: \["):
+        backend_class("nope")
+
+    class Broken:
+        name, abilities = "broken", frozenset({Ability.CAPTION})
+
+    register_backend("broken", Broken)
+    try:
+        with pytest.raises(TypeError, match="caption"):
+            backend_class("broken")
+    finally:
+        from gvu.models import _REGISTRY
+
+        _REGISTRY.pop("broken")
