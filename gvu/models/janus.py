@@ -1,6 +1,6 @@
-"""Janus-Pro (transformers.JanusForConditionalGeneration) behind the UMM interface of gvu/models/toy.py.
+"""Janus-Pro (transformers.JanusForConditionalGeneration) behind the backend contract (gvu/models/base.py).
 
-Sequence layouts (Janus-Pro's "deepseek" chat format; the tokenizer adds nothing, the adapter writes bos):
+Sequence layouts (Janus-Pro's "deepseek" chat format; the tokenizer adds nothing, the backend writes bos):
     generation     [bos] "<|User|>: {prompt}\\n\\n<|Assistant|>:" [boi] img_1 ... img_L          (L = 576)
     unconditional  the same row with every token except [bos] and [boi] replaced by [pad], same attention mask
                    (Janus's CFG branch; padded positions stay attended, as in Janus and HF generate)
@@ -11,17 +11,10 @@ the language model through the generation embeddings + aligner; the generation h
 over the K = 16384 codes) predicts them. Understanding reads pixels: VQ decoder -> uint8 -> resize / pad /
 normalise as JanusImageProcessor does (in torch, batched) -> SigLIP + aligner at the placeholder positions.
 
-Which distribution `image_logprobs` scores (`cfg_scale`, from the trainer's grpo.logprob_mode):
-- "rollout" (default): the CFG-combined distribution softmax((z_u + s (z_c - z_u)) / T) that rollout sampled
-  from (Janus-Pro-R1). The GRPO ratio pi_theta / pi_old and the k3 KL are then ratios of the policy that
-  actually produced the samples, so the single-update ratio is exactly 1 at the rollout parameters and the
-  surrogate's gradient is the on-policy (unbiased) policy gradient of E[R] under the sampling distribution.
-- "conditional" (cfg_scale=1, T2I-R1, ULM-R1): log p(code | prompt) of the conditional branch only. It is a
-  different distribution from the one sampled at CFG > 1, so the ratio is off-policy by construction and the
-  gradient is biased (the samples are not draws from the scored policy); offered for comparison.
-The CFG logits are linear in the head's last features a = GELU(proj_out(h)): z_u + s (z_c - z_u)
-= W (a_u + s (a_c - a_u)) + b, so the combination is formed on the (N*L, 2048) features in fp32 and the K
-code logits are never materialised: kernels.linear_token_logprobs runs on the head's last Linear.
+`image_logprobs` scores the CFG-combined distribution rollout sampled from (grpo.logprob_mode=rollout, on-policy)
+or the conditional branch (conditional); why the default is on-policy: docs/DESIGN.md, "Which distribution".
+The CFG logits are linear in the head's last features a = GELU(proj_out(h)), so the combination is formed on
+the (N*L, 2048) features in fp32 and the K code logits are never materialised.
 
 Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine).
 `max_rows` caps the rows (conditional + unconditional) of one forward in rollout and scoring (0: all at once).
@@ -35,19 +28,18 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import kernels
-from gvu.config import ConfigError, resolve_path
+from gvu.config import ConfigError
 from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.hub import local_checkpoint
+from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-# Janus-Pro's JanusImageProcessor settings (preprocessor_config.json overrides them when present)
-IMAGE_PROCESSING = {"size": 384, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255}
 LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -95,14 +87,8 @@ class JanusUMM:
         )
         self.max_rows = max_rows
         # a private copy of the VQ model: `decode` takes no model, and under ZeRO-3 the engine's copy is partitioned
-        self.vq = vq.eval().requires_grad_(False)
-        ip = {**IMAGE_PROCESSING, **(image_processing or {})}
-        size = ip["size"]
-        self.image_size = int(size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size)
-        self.mean, self.std = torch.tensor(ip["image_mean"]), torch.tensor(ip["image_std"])
-        self.rescale = float(ip["rescale_factor"])
-        self.background = [int(m * 255) for m in ip["image_mean"]]  # JanusImageProcessor's pad colour
-        self.image_processing = ip
+        self.pixels = JanusPixels(vq, image_processing)
+        self.vq, self.image_size, self.image_processing = self.pixels.vq, self.pixels.image_size, self.pixels.settings
 
         def tid(tok: str) -> int:
             i = tokenizer.convert_tokens_to_ids(tok)
@@ -140,7 +126,7 @@ class JanusUMM:
     @classmethod
     def check_config(cls, cfg) -> list[str]:
         try:
-            problem = _folder_problem(cls.checkpoint_folder(cfg))
+            problem = _folder_problem(local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B"))
         except ConfigError as e:
             return e.problems
         return [f"model.path={cfg.path!r}: {problem}"] if problem else []
@@ -151,31 +137,10 @@ class JanusUMM:
             f"prompt {i}: empty; every prompt needs at least one token" for i, t in enumerate(texts) if not t.split()
         ]
 
-    @staticmethod
-    def checkpoint_folder(cfg) -> str:
-        """cfg.path as a local folder, or a hub id resolved in the local hub cache only (no download)."""
-        path = resolve_path(cfg.path)
-        if path.exists():
-            return str(path)
-        if cfg.path.count("/") != 1 or cfg.path.startswith((".", "/", "~")):
-            raise ConfigError(
-                f"model.path={cfg.path!r}: no such folder, and not a hub id like deepseek-community/Janus-Pro-1B"
-            )
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            return snapshot_download(cfg.path, local_files_only=True)
-        except LocalEntryNotFoundError:
-            raise ConfigError(
-                f"model.path={cfg.path!r} is not in the local hub cache; download it first "
-                f"(`hf download {cfg.path}`) or set model.path to a local folder"
-            ) from None
-
     @classmethod
     def load(cls, cfg):
         return cls.from_pretrained(
-            cls.checkpoint_folder(cfg),
+            local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B"),
             dtype=getattr(torch, cfg.dtype),
             attn_implementation=attn_implementation(cfg.attn_implementation),
             max_rows=cfg.max_rows,
@@ -241,50 +206,17 @@ class JanusUMM:
             return max(n, 1)
         return max(1, self.max_rows // (2 if cfg else 1))
 
-    @torch.no_grad()
     def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
-        """Codes (N, L) -> uint8 pixels (N, H, W, 3) through the VQ decoder (HF postprocess: truncating cast)."""
-        tokens = torch.as_tensor(image_tokens).long()
-        self.vq.to(tokens.device)
-        out = []
-        for s in range(0, tokens.shape[0], self._chunk(tokens.shape[0], False)):
-            x = self.vq.decode(tokens[s : s + self._chunk(tokens.shape[0], False)]).float()  # (n, 3, H, W) in [-1, 1]
-            x = (x * self.std.to(x.device)[:, None, None] + self.mean.to(x.device)[:, None, None]) * 255
-            out.append(x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        return torch.cat(out).numpy()
+        """Codes (N, L) -> uint8 pixels (N, H, W, 3) through the VQ decoder, max_rows images at a time."""
+        return self.pixels.decode(image_tokens, self._chunk(len(image_tokens), False))
 
-    @torch.no_grad()
     def encode(self, pixels) -> torch.Tensor:
         """uint8 pixels (N, H, W, 3) at the VQ resolution -> codes int64 (N, L) (the VQ encoder; not exact)."""
-        p = torch.as_tensor(np.asarray(pixels) if not torch.is_tensor(pixels) else pixels)
-        dev = next(self.vq.parameters()).device
-        x = p.to(dev).permute(0, 3, 1, 2).float() * self.rescale
-        x = (x - self.mean.to(dev)[:, None, None]) / self.std.to(dev)[:, None, None]
-        out = self.vq.encode(x.to(next(self.vq.parameters()).dtype))
-        return out.image_tokens.view(p.shape[0], -1)
+        return self.pixels.encode(pixels)
 
     def pixel_values(self, images, device, dtype) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> SigLIP input (N, 3, S, S): JanusImageProcessor's resize (longest side to S,
-        bicubic, antialiased), pad to square with the mean colour, rescale, normalise; batched in torch."""
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).to(device)
-        x = x.permute(0, 3, 1, 2).float()
-        S = self.image_size
-        h, w = x.shape[-2:]
-        if max(h, w) != S:
-            d = S / max(h, w)
-            x = F.interpolate(x, size=(max(round(h * d), 14), max(round(w * d), 14)), mode="bicubic", antialias=True)
-            x = x.round().clamp(0, 255)  # the processor resizes uint8 images and stays uint8
-            h, w = x.shape[-2:]
-        if h != w:
-            m = max(h, w)
-            sq = torch.tensor(self.background, dtype=x.dtype, device=device)[None, :, None, None].expand(-1, -1, m, m)
-            sq = sq.repeat(x.shape[0], 1, 1, 1)
-            top, left = (m - h) // 2, (m - w) // 2
-            sq[:, :, top : top + h, left : left + w] = x
-            x = sq
-        x = x * self.rescale
-        x = (x - self.mean.to(device)[:, None, None]) / self.std.to(device)[:, None, None]
-        return x.to(dtype)
+        """uint8 (N, H, W, 3) -> SigLIP input (N, 3, S, S), as JanusImageProcessor makes it."""
+        return self.pixels.pixel_values(images, device, dtype)
 
     # ---------------------------------------------------------------------------------------- sequences
 

@@ -23,11 +23,14 @@ import torch
 from tokenizers import Tokenizer
 
 import kernels
+from gvu.config import resolve_path
 from gvu.models import backbone_and_head, gathered, saveable, unwrap
 from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
+
+NOT_A_CHECKPOINT = "no tokenizer.json: not a toy UMM checkpoint (make one with `python -m gvu.toy.pretrain --out DIR`)"
 
 
 class ToyUMM:
@@ -71,17 +74,10 @@ class ToyUMM:
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
-        from gvu.config import resolve_path
-
         path = resolve_path(cfg.path)
         if not path.is_dir():
             return [f"model.path={cfg.path!r}: no such folder (looked in the cwd and the repo)"]
-        if not (path / "tokenizer.json").exists():
-            return [
-                f"model.path={cfg.path!r} has no tokenizer.json: not a toy UMM checkpoint (make one with "
-                "`python -m gvu.toy.pretrain --out <dir>`)"
-            ]
-        return []
+        return [] if (path / "tokenizer.json").exists() else [f"model.path={cfg.path!r}: {NOT_A_CHECKPOINT}"]
 
     @classmethod
     def check_prompts(cls, cfg, texts: list[str]) -> list[str]:
@@ -96,8 +92,6 @@ class ToyUMM:
 
     @classmethod
     def load(cls, cfg):
-        from gvu.config import resolve_path
-
         adapter, model = cls.from_pretrained(str(resolve_path(cfg.path)))
         return adapter, model.to(getattr(torch, cfg.dtype))
 
@@ -108,10 +102,7 @@ class ToyUMM:
 
         tok_path = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_path):
-            raise FileNotFoundError(
-                f"{tok_path} missing: {path} is not a toy UMM checkpoint (make one with "
-                "`python -m gvu.toy.pretrain --out <dir>`)"
-            )
+            raise FileNotFoundError(f"{path}: {NOT_A_CHECKPOINT}")
         adapter = cls(Tokenizer.from_file(tok_path))
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
         model.eval()
@@ -122,19 +113,10 @@ class ToyUMM:
         os.makedirs(path, exist_ok=True)
         unwrap(model).save_pretrained(path, safe_serialization=True)
         self.tokenizer.save(os.path.join(path, "tokenizer.json"))
-        world = {
-            "grid": W.GRID,
-            "cell_px": W.CELL,
-            "num_codes": self.num_codes,
-            "code_offset": self.code_offset,
-            "shapes": W.SHAPES,
-            "colors": W.COLORS,
-            "sizes": W.SIZES,
-            "layout": {
-                "generation": "[bos] prompt [boi] (row <eor>) x6 [eoi]",
-                "understanding": "[bos] [boi] (row <eor>) x6 [eoi] [describe] prompt [eos]",
-            },
-        }
+        world = dict(grid=W.GRID, cell_px=W.CELL, num_codes=self.num_codes, code_offset=self.code_offset,
+                     shapes=W.SHAPES, colors=W.COLORS, sizes=W.SIZES, layout={
+                         "generation": "[bos] prompt [boi] (row <eor>) x6 [eoi]",
+                         "understanding": "[bos] [boi] (row <eor>) x6 [eoi] [describe] prompt [eos]"})  # fmt: skip
         with open(os.path.join(path, "world.json"), "w") as f:
             json.dump(world, f, indent=1)
 
