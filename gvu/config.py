@@ -204,14 +204,21 @@ class TrainConfig:
     output_dir: str = opt("runs/gvu-toy", "run folder: config, metrics, TensorBoard, samples, adapter, checkpoints")
     deepspeed: str = opt("configs/ds_zero2.json", 'DeepSpeed JSON; its "auto" values are filled from this config')
     log_every: int = opt(10, "print a line every N steps")
-    save_every: int = opt(100, "DeepSpeed checkpoint + adapter every N steps (and at the end)")
+    save_every: int = opt(
+        10,
+        "checkpoint + adapter every N steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1); a kill -9 loses at most "
+        "N - 1 steps. Checkpoints hold only the trained parameters and their optimizer state, so saves are cheap",
+    )
     keep_checkpoints: int = opt(2, "newest checkpoints kept; older ones are deleted after a save")
     eval_samples: int = opt(16, "samples per held-out prompt in the before/after evaluation")
     eval_before: bool = opt(True, "evaluate the base on the held-out prompts before training")
     eval_after: bool = opt(True, "evaluate the trained policy after training")
     sample_grid_prompts: int = opt(8, "held-out prompts in samples_before/after.png (4 samples each)")
     time_limit_minutes: float = opt(0.0, "stop training (then evaluate and save) after this long; 0: no limit")
-    resume: bool = opt(True, "continue from the newest checkpoint in output_dir")
+    resume: bool = opt(True, "continue from the newest checkpoint in output_dir that loads")
+    allow_changes: list[str] = opt(
+        [], "fields or sections (e.g. [optim.lr] or [grpo]) allowed to differ from the saved config on resume"
+    )
     profile: bool = opt(False, "torch.profiler trace of steps 2-4 into output_dir/profile")
     threads: int = opt(0, "torch threads per rank; 0: cores / ranks")
 

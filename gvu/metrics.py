@@ -84,11 +84,15 @@ class PhaseTimer:
 
     def __init__(self):
         self.times: dict[str, float] = defaultdict(float)
+        self.step = 0  # the step being run (1-based), for gvu.faults
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         from torch.profiler import record_function
 
+        from gvu import faults
+
+        faults.point(name, self.step)
         t0 = time.perf_counter()
         try:
             with record_function(f"gvu/{name}"):  # the phase as a named span in --train.profile traces

@@ -108,3 +108,65 @@ def tiny_backend(name: str, folder: str):
     """(backend, eval-mode model) of a tiny random model of backend `name`, built offline under `folder`."""
     backend, model = TINY_BACKENDS[name](folder)
     return backend, model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- trainer runs
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def tiny_toy_checkpoint(folder) -> str:
+    """A random toy UMM (the shipped shapes, d=96) saved to `folder`: what the trainer tests train."""
+    from gvu.toy.backend import ToyUMM
+
+    backend, model = ToyUMM.new_model(seed=0)
+    backend.save_pretrained(str(folder), model)
+    return str(folder)
+
+
+def small_run(ckpt, out, steps: int, *extra: str) -> list[str]:
+    """Overrides of a short toy run: 4 prompts x 4 samples, no evaluation, a line and a checkpoint every step."""
+    return [
+        f"--model.path={ckpt}", f"--train.output_dir={out}", f"--train.steps={steps}", "--grpo.prompts_per_step=4",
+        "--grpo.group_size=4", "--train.eval_before=false", "--train.eval_after=false", "--train.save_every=1",
+        "--train.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def trainer_command(args: list[str], ranks: int = 1, port: int = 29531) -> list[str]:
+    import sys
+
+    train = str(REPO / "gvu" / "train.py")
+    if ranks == 1:
+        return [sys.executable, train, *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+            train, *args]  # fmt: skip
+
+
+def trainer_env(**extra: str) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
+
+
+def run_trainer(args: list[str], cwd, ranks: int = 1, timeout: float = 600, **env):
+    """gvu/train.py in a subprocess -> CompletedProcess (stdout, stderr, returncode); no check."""
+    import subprocess
+
+    return subprocess.run(
+        trainer_command(args, ranks), cwd=cwd, env=trainer_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_dir) -> dict[int, dict]:
+    """metrics.jsonl of a run -> {step: row}; a step logged twice raises (a resume must not duplicate rows)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows]
+    if len(steps) != len(set(steps)):
+        raise AssertionError(f"metrics.jsonl of {run_dir} holds a step twice: {steps}")
+    return {r["step"]: r for r in rows}

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 import kernels
-from gvu import checkpoint, validate
+from gvu import checkpoint, run_folder, validate
 from gvu import engine as E
+from gvu import preemption as P
 from gvu.config import Config, ConfigError, field_help
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.evaluate import evaluator_for, format_table, write_samples
@@ -168,13 +169,39 @@ def reward_metrics(rewards: torch.Tensor, G: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 config error (nothing started); 3 checkpoints exist and none loads; 4 the output folder
+    is another trainer's; 5 a checkpoint could not be written (the previous one is intact); 75 stopped by a signal
+    after writing a checkpoint (rerun to resume)."""
+    is_main = os.environ.get("RANK", "0") == "0"
+    lock = None
     try:
         cfg = parse_args(argv)  # every check, before anything starts
+        run_dir = Path(cfg.train.output_dir)
+        if is_main:
+            lock = run_folder.RunLock(run_dir)  # one writer per run folder
+        resuming = cfg.train.resume and bool(checkpoint.tags_newest_first(run_dir / "checkpoints")[0])
+        changes = run_folder.check_resume_config(cfg, run_dir) if resuming else []
+        return run(cfg, changes, is_main)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main:
             print(f"config error: {e}", file=sys.stderr)
         return 2
-    is_main = os.environ.get("RANK", "0") == "0"
+    except run_folder.FolderLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return P.EXIT_FOLDER_LOCKED
+    except checkpoint.ResumeError as e:
+        print(f"resume error: {e}", file=sys.stderr)
+        return P.EXIT_CANNOT_RESUME
+    except checkpoint.SaveError as e:
+        print(f"save error: {e}", file=sys.stderr)
+        return P.EXIT_SAVE_FAILED
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: Config, changes: list, is_main: bool) -> int:
+    """Set up, evaluate the base, train, evaluate the policy; returns the exit code."""
     say = print if is_main else (lambda *a, **k: None)
     E.announce_op_build(say)
     rank, world = E.init_distributed()
@@ -182,13 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-
-    run_dir = Path(cfg.train.output_dir)
-    tag = checkpoint.resume_tag(run_dir) if cfg.train.resume else None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-    t_start = time.time()
+    run_dir, t_start = Path(cfg.train.output_dir), time.time()
 
     backend, model = E.build(cfg)
     train_metas, eval_metas = load_prompt_sets(cfg.data)
@@ -204,13 +225,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{evaluator.name if evaluator else 'none'} | ranks {world} | kernels {kernels.choose(torch.device('cpu'))}"
     )
     engine = E.make_engine(model, cfg, world)
-    start_step, state = 0, {}
-    if tag is not None:
-        state = checkpoint.load_checkpoint(engine, run_dir, tag)
-        start_step = int(state.get("step", 0))
-        say(f"resumed from {run_dir / 'checkpoints' / tag} at step {start_step}")
+    state = (checkpoint.resume(engine, run_dir, world, say) if cfg.train.resume else None) or {}
+    start_step = int(state.get("step", 0))
+    if start_step:
+        say(f"resumed from {run_dir / 'checkpoints' / f'step{start_step}'} at step {start_step}")
+        for f, a, b in changes:
+            say(f"config change on resume: {f}: {a!r} -> {b!r}")
+    if is_main:
+        written = run_folder.record_config(cfg, run_dir, changes if start_step else [], start_step)
+        if written and start_step:
+            say(f"the changed config is kept in {written}; {run_dir / 'config.yaml'} stays the original")
+    stop = P.StopFlag()
     writer = MetricsWriter(run_dir, is_main, resume_step=start_step)
     results = dict(state.get("results", {}))
+
+    def save(step: int) -> None:
+        checkpoint.save_checkpoint(engine, run_dir, step, {"results": results}, is_main, cfg.train.keep_checkpoints)
 
     def evaluate(label: str, key: str, grid: str) -> None:
         say(f"evaluating the {label} on {len(eval_metas)} held-out prompts x {cfg.train.eval_samples} samples ...")
@@ -227,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = make_profiler(run_dir) if cfg.train.profile else None
     steps_done, t_train = start_step, time.time()
     for step in progress(range(start_step, cfg.train.steps), "train", enabled=is_main):
-        t0 = time.time()
+        t0, timer.step = time.time(), step + 1
         metas = sampler.batch(step)
         metrics, images = train_step(engine, backend, metas, cfg, step, rank, timer)
         if evaluator:
@@ -245,16 +275,19 @@ def main(argv: list[str] | None = None) -> int:
         if is_main and (steps_done % cfg.train.log_every == 0 or steps_done in (1, cfg.train.steps)):
             print(step_line(steps_done, cfg.train.steps, metrics, phases), flush=True)
         out_of_time = cfg.train.time_limit_minutes and (time.time() - t_train) / 60 > cfg.train.time_limit_minutes
-        if steps_done % cfg.train.save_every == 0 or out_of_time:
-            checkpoint.save_checkpoint(
-                engine, run_dir, steps_done, {"results": results}, is_main, cfg.train.keep_checkpoints
-            )
+        preempted = stop.agreed(world)
+        if steps_done % cfg.train.save_every == 0 or out_of_time or preempted:
+            save(steps_done)
+        if preempted:
+            say(f"stopped by a signal at step {steps_done}; checkpoint written; rerun the same command to resume")
+            writer.close()
+            return P.EXIT_PREEMPTED
         if out_of_time:
             say(f"train.time_limit_minutes={cfg.train.time_limit_minutes} reached at step {steps_done}")
             break
     if profiler is not None:
         profiler.stop()
-    checkpoint.save_checkpoint(engine, run_dir, steps_done, {"results": results}, is_main, cfg.train.keep_checkpoints)
+    save(steps_done)
     if steps_done > start_step:
         say(phase_table(phase_totals, steps_done - start_step))
 
