@@ -21,7 +21,7 @@ EXIT_CANNOT_RESUME = 3  # checkpoints exist and none loads (gvu.checkpoint.Resum
 EXIT_FOLDER_LOCKED = 4  # another trainer holds train.output_dir
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (gvu.checkpoint.SaveError); the previous one is intact
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-SAME_EVENT_S = 5.0
+SAME_EVENT_S = 2.0
 
 
 class StopFlag:

@@ -35,15 +35,16 @@ def straight(ckpt, tmp_path_factory):
 
 
 def same_trajectory(run_dir, reference: dict, steps=range(1, STEPS + 1)):
-    """Rewards (so every rollout token) and lr equal exactly; loss and KL to 1e-5 relative: two uninterrupted runs
-    are bitwise equal, but the first update after a restore differs in the last bits (KL ~1e-6 relative)."""
+    """Rewards (so every rollout token) and lr equal exactly; loss and KL to 1e-7 absolute. Two uninterrupted runs
+    are bitwise equal, and so is a resume inside one process; a resume in a fresh process differs in the last bits
+    from its first update on (KL ~3e-9 absolute over these steps on a Sapphire Rapids; docs/reliability.md)."""
     got = read_metrics(run_dir)
     assert sorted(got) == sorted(reference), "every step logged exactly once"
     for s in steps:
         for key in ("reward/mean", "reward/std", "lr"):
             assert got[s][key] == reference[s][key], (s, key, got[s][key], reference[s][key])
         for key in ("loss", "kl"):
-            assert got[s][key] == pytest.approx(reference[s][key], rel=1e-5, abs=1e-12), (s, key)
+            assert got[s][key] == pytest.approx(reference[s][key], rel=0, abs=1e-7), (s, key)
 
 
 def start(args, cwd, **env) -> subprocess.Popen:
@@ -98,10 +99,11 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(ckpt, straig
 
 def test_a_second_signal_exits_at_once(ckpt, tmp_path):
     out = tmp_path / "run"
-    proc = start(small_run(ckpt, out, 200, *ONE, "--train.save_every=100"), tmp_path)
+    proc = start(small_run(ckpt, out, 200, *ONE, "--train.save_every=100"), tmp_path, GVU_FAULT="hang:backward@2")
     wait_for_step(out, 1, proc)
+    time.sleep(1)  # inside step 2's stalled backward
     proc.send_signal(signal.SIGINT)
-    time.sleep(6)  # past the window in which repeated deliveries count as one
+    time.sleep(3)  # past the window in which repeated deliveries count as one
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
