@@ -232,3 +232,122 @@ def test_shipped_configs_parse(name, stage):
     assert cfg.model.backend == "xomni" and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
     assert cfg.model.attn_implementation == "flash_attention_2" and cfg.grpo.group_size >= 2
     assert json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]["stage"] == stage
+
+
+# ----------------------------------------------------------------------------------------------- LoRA, training
+
+
+def test_lora_targets_every_decoder_linear_and_gradients_reach_them(tiny):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    _, backend, model = tiny
+    targets = backend.lora_targets(load_config().lora.target_modules)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    adapted = {n.split(".lora_")[0] for n in names}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # every Linear of the decoder layers (adapter and head layers too), not lm_head / mm_head; no embeddings
+    assert {a.split("base_model.model.", 1)[1] for a in adapted} == linears - {"lm_head", "mm_head"}
+    assert len(adapted) == 7 * model.config.num_hidden_layers
+    prompts = backend.tokenize_prompts(PROMPTS[:2])
+    codes = torch.randint(0, backend.num_codes, (4, backend.image_len))
+
+    def grads(m):
+        m.zero_grad()
+        backend.image_logprobs(m, prompts, codes, cfg_scale=3.0).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    g = grads(peft_model)
+    assert all(g[n].abs().sum() > 0 for n in names if "lora_B" in n)  # B starts at 0: only B gets a gradient
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    g2 = grads(peft_model)
+    assert all(torch.allclose(g[n], g2[n], atol=1e-6) for n in names)
+
+
+def write_run_files(tmp_path, ckpt, zero, extra=""):
+    ds = json.loads((REPO / "configs" / f"ds_zero{zero}.json").read_text())
+    if zero == 3:  # partition every parameter of the tiny model (the shipped threshold would keep them all whole)
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"tag": "t", "prompt": p}) + "\n" for p in PROMPTS + ["a yellow cat"]))
+    cfg = tmp_path / "xomni_tiny.yaml"
+    cfg.write_text(
+        f"model: {{backend: xomni, path: {ckpt}, max_rows: 8}}\n"
+        f"data: {{prompts: {prompts}}}\n"
+        "sampling: {cfg_scale: 2.0, temperature: 1.0, min_p: 0.03}\n"
+        "lora: {r: 4, alpha: 8}\n"
+        "grpo: {prompts_per_step: 2, group_size: 2, beta: 0.03}\n"
+        "optim: {lr: 1.0e-2, warmup_steps: 0}\n"
+        f"train: {{steps: 2, deepspeed: {tmp_path / 'ds.json'}, eval_before: false, eval_after: false, "
+        "save_every: 2, log_every: 1, sample_grid_prompts: 0}\n" + extra
+    )
+    return cfg
+
+
+def test_two_training_steps_in_process_zero2_move_every_lora_parameter(tiny, tmp_path):
+    """Two train_steps on one rank in this process, generation-scoped adapter and the end token scored."""
+    from gvu import engine as E
+    from gvu import train
+    from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.metrics import PhaseTimer
+
+    path, _, _ = tiny
+    over = [f"--train.output_dir={tmp_path / 'run'}", "--lora.scope=generation", "--grpo.reward_eos=true"]
+    cfg = load_config(write_run_files(tmp_path, path, 2), over)
+    from gvu import validate
+
+    validate.check(cfg)
+    rank, world = E.init_distributed()
+    backend, model = E.build(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine = E.make_engine(model, cfg, world)
+    sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
+    for step in range(2):
+        m, images = train.train_step(engine, backend, sampler.batch(step), cfg, step, rank, PhaseTimer())
+        assert np.isfinite(m["loss"]) and 0 < m["reward/mean"] < 1 and m["reward/group_std"] > 0
+        assert images.shape == (4, 64, 64, 3)
+    after = dict(engine.module.named_parameters())
+    unchanged = [n for n in before if torch.equal(before[n], after[n].detach())]
+    assert len(before) == 2 * 7 * 6 and not unchanged, f"LoRA parameters that did not move: {unchanged}"
+
+
+@pytest.mark.slow
+def test_two_training_steps_two_cpu_ranks_zero3_checkpointing(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path, _, _ = tiny
+    cfg = write_run_files(tmp_path, path, 3)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29531"]
+    cmd += [str(REPO / "gvu" / "train.py"), str(cfg), f"--train.output_dir={tmp_path / 'run'}"]
+    cmd += ["--model.gradient_checkpointing=true"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(
+        np.isfinite(r["loss"]) and 0 < r["reward/mean"] < 1 for r in rows
+    )
+    adapter = tmp_path / "run" / "adapter"
+    assert "model\\.layers" in json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    # every LoRA tensor moved: the saved adapter against the run's initial one, rebuilt here from the same seed
+    # (train.py seeds torch with train.seed just before building). Adam moves an entry by about lr a step, so a
+    # rebuilt start that differed from the run's would fail the bound below rather than pass unnoticed.
+    from safetensors.torch import load_file
+
+    from gvu import engine as E
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.manual_seed(0)
+    _, fresh = E.build(load_config(cfg))
+    init = {n.replace(".default", ""): p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert sorted(saved) == sorted(init) and len(saved) == 2 * 7 * 6
+    moved = {k: (saved[k].float() - init[k].float()).abs().max().item() for k in saved}
+    assert all(0 < d < 3 * 1e-2 * 2 for d in moved.values()), moved
