@@ -253,3 +253,30 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     t_read = time_fn(lambda: x.sum(), warmup=1, repeats=repeats)
     t_copy = time_fn(lambda: y.copy_(x), warmup=1, repeats=repeats)
     return {"read_gbps": 4 * n / t_read / 1e9, "copy_gbps": 8 * n / t_copy / 1e9}
+
+
+XOMNI_BENCH_IMAGE_SIZE = 128  # 8 x 8 = 64 codes an image: longer image sequences than the fixture's own 4 x 4
+
+
+def load_xomni(image_size: int = XOMNI_BENCH_IMAGE_SIZE):
+    """(XOmniUMM, eval-mode XOmniForCausalLM, source label) for the tiny X-Omni of the tests.
+
+    gvu.testing.make_tiny_xomni: the fixture tests/fixtures/xomni_tiny (made by the released code; d=32 x 6 layers,
+    text vocab 64, 32 codes) with the tiny offline tokenizer over the shapes-world words, generating image_size px
+    = (image_size / 16)^2 codes.
+    """
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from gvu.models.xomni.backend import XOmniUMM
+    from gvu.testing import make_tiny_xomni
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="gvu_bench_xomni_") as tmp:
+        adapter, model = XOmniUMM.from_pretrained(
+            make_tiny_xomni(str(Path(tmp) / "ckpt"), image_size, janus_tiny_words())
+        )
+        for t in list(model.parameters()) + list(model.buffers()):  # may be memory-mapped from the folder
+            t.data = t.data.clone()
+    return adapter, model.eval(), f"xomni_tiny-fixture({image_size}px)"

@@ -138,9 +138,9 @@ def tiny_xomni_tokenizer(words: list[str], vocab_size: int = 64, num_codes: int 
     return fast
 
 
-def make_tiny_xomni(path: str, image_size: int = 64) -> str:
-    """The fixture tests/fixtures/xomni_tiny (made by the released code) with tiny_xomni_tokenizer, as an X-Omni
-    folder the backend loads (gvu_xomni.json: image_size px, 16 px a code)."""
+def make_tiny_xomni(path: str, image_size: int = 64, words: list[str] = XOMNI_WORDS) -> str:
+    """The fixture tests/fixtures/xomni_tiny (made by the released code) with tiny_xomni_tokenizer(words), as an
+    X-Omni folder the backend loads (gvu_xomni.json: image_size px, 16 px a code)."""
     from pathlib import Path
 
     from gvu.models.xomni.backend import XOmniUMM
@@ -149,7 +149,7 @@ def make_tiny_xomni(path: str, image_size: int = 64) -> str:
     fixture = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "xomni_tiny"
     model = XOmniForCausalLM.from_pretrained(fixture).eval()
     c = model.config
-    tok = tiny_xomni_tokenizer(XOMNI_WORDS, c.vocab_size, c.image_vocab_size)
+    tok = tiny_xomni_tokenizer(words, c.vocab_size, c.image_vocab_size)
     XOmniUMM(tok, c, image_size=image_size).save_pretrained(path, model)
     return path
 
