@@ -58,12 +58,12 @@ def official_reward(backend, model, images, prompts) -> torch.Tensor:
     for i in range(u.input_ids.shape[0]):
         L = int(u.mask[i].sum())
         extra = {k: v[i : i + 1] for k, v in u.forward_kwargs.items()}
-        prob = torch.ones((), dtype=torch.float32)
+        prob = torch.ones((), dtype=torch.float64)  # the official product is of Python floats: fp32 underflows
         for j in range(L):
             logits = model(input_ids=u.input_ids[i : i + 1, : P + j], **extra).logits  # the whole prefix again
             prob = prob * torch.softmax(logits[0, -1].float(), -1)[u.targets[i, j]]
         out.append(prob ** (1.0 / L))
-    return torch.stack(out)
+    return torch.stack(out).float()
 
 
 MODELS = {"toy": C.load_toy, "janus": C.load_janus, "xomni": C.load_xomni}
