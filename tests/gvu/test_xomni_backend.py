@@ -216,9 +216,9 @@ def test_check_config_and_options(tiny, tmp_path):
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     (bad / "gvu_xomni.json").write_text(json.dumps({"reward_path": "pixels", "image_size": 50, "size": 1}))
     problems = " | ".join(folder_problems(str(bad)))
-    for want in ("not 'x-omni'", "no tokenizer.json", "unknown option 'size'", "multiple of 16", "not ported yet"):
+    for want in ("not 'x-omni'", "no tokenizer.json", "unknown option 'size'", "multiple of 16", "no vision_config"):
         assert want in problems
-    with pytest.raises(ConfigError, match="not ported yet"):
+    with pytest.raises(ConfigError, match="no vision_config"):
         load_umm(load_config(None, ["--model.backend=xomni", f"--model.path={bad}"]).model)
     assert XOmniUMM.check_prompts(cfg.model, ["ok", " ", "a <SOM> b"]) == [
         "prompt 1: empty; every prompt needs at least one token",
@@ -391,3 +391,58 @@ def test_benches_include_xomni(tmp_path, bench):
     assert {r["impl"] for r in rows} == (
         {"ours", "hf_generate"} if bench == "rollout" else {"ours", "eager_full", "official"}
     )
+
+
+# ----------------------------------------------------------------------------------------------- pixel path (a)
+
+
+@pytest.fixture(scope="module")
+def tiny_pixels(tmp_path_factory):
+    """The tiny X-Omni with random SigLIP-VQ and FLUX decoder parts, loaded with reward_path pixels."""
+    pytest.importorskip("diffusers")
+    from gvu.models.xomni.tiny import write_tiny_vision
+
+    root = tmp_path_factory.mktemp("xomni_pixels")
+    path = make_tiny_xomni(str(root / "ckpt"))
+    write_tiny_vision(path, str(root / "flux"))
+    (Path(path) / "gvu_xomni.json").write_text(
+        json.dumps({"image_size": 64, "reward_path": "pixels", "flux_path": str(root / "flux")})
+    )
+    cfg = load_config(None, ["--model.backend=xomni", f"--model.path={path}"])
+    assert XOmniUMM.check_config(cfg.model) == []
+    backend, model = load_umm(cfg.model)
+    return path, backend, model
+
+
+def test_pixel_path_decodes_reencodes_and_scores_batch_independently(tiny_pixels):
+    from gvu.reward import intrinsic_reward
+
+    _, backend, model = tiny_pixels
+    assert backend.reward_path == "pixels" and type(backend.codec).__name__ == "PixelCodec"
+    prompts = backend.tokenize_prompts(PROMPTS)
+    codes = backend.generate(model, prompts, 1, SamplingConfig(min_p=0.03), generator=torch.Generator().manual_seed(0))
+    images = backend.decode(codes)
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 1
+    alone = np.concatenate([backend.decode(codes[i : i + 1]) for i in range(3)])
+    assert np.abs(alone.astype(int) - images).max() <= 1  # each row's noise is its own: batch-independent
+    back, hw = backend.codec.encode(images)  # the SigLIP-VQ tokenizer on the decoded pixels
+    assert hw == backend.hw and back.shape == codes.shape and int(back.max()) < backend.num_codes
+    conditioned = backend.decode(codes, texts=PROMPTS)  # the released mmdecode's text condition reaches the pixels
+    assert np.abs(conditioned.astype(int) - images).mean() > 0.5
+    with torch.no_grad():
+        r = intrinsic_reward(backend, model, images, prompts)
+        r1 = torch.cat([intrinsic_reward(backend, model, images[i : i + 1], prompts[[i]]) for i in range(3)])
+        u = backend.understanding_inputs(images, prompts)
+    torch.testing.assert_close(r1, r, rtol=1e-5, atol=0)
+    assert torch.equal(
+        u.input_ids[:, : backend.understanding_prefix(back).shape[1]], backend.understanding_prefix(back)
+    )
+
+
+def test_pixel_path_refused_without_diffusers(tiny_pixels, monkeypatch):
+    import importlib.util
+
+    path, _, _ = tiny_pixels
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert any("needs diffusers" in p for p in folder_problems(path))

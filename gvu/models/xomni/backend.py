@@ -15,12 +15,11 @@ z_u + s (z_c - z_u) by a per-row constant, so both give the same distribution; r
 transformers' numbers), image_logprobs the latter on the body's last features (mm_head has no bias: CFG on logits
 == CFG on features), as gvu/models/janus.py explains for Janus.
 
-Reward path "tokens" (the only one implemented): the understanding turn reads the generated codes themselves, in
-the code space generation wrote them in. `decode` then returns a lossless rendering of the codes (codes.py), which
-`prompt_logprobs` reads back exactly. The paper's path (FLUX decoder -> pixels -> SigLIP-VQ -> codes) is not
-ported; check_config refuses reward_path "pixels" (docs/xomni.md, "Reward paths").
-
-Backend options beyond ModelConfig live in the checkpoint folder's optional `gvu_xomni.json` (OPTIONS below).
+Reward paths (docs/xomni.md, "Reward paths"; `reward_path` in the folder's gvu_xomni.json, options.py):
+- "pixels", the paper's: decode = SigLIP-VQ features -> FLUX decoder -> pixels (decoder.py, needs diffusers), and
+  prompt_logprobs tokenizes those pixels with SigLIP-VQ (vision.py) before the understanding turn.
+- "tokens" (default), an approximation: the understanding turn reads the generated codes themselves (the code space
+  generation wrote them in); decode returns a lossless rendering of the codes (codes.py), read back exactly.
 """
 
 from __future__ import annotations
@@ -35,58 +34,14 @@ import torch.nn.functional as F
 import kernels
 from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
-from gvu.models.xomni.codes import PATCH, read_codes, render_codes
+from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
+from gvu.models.xomni.options import OPTIONS_FILE, folder_problems, read_options
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 SOM, EOM, IMAGE, END = "<SOM>", "<EOM>", "<IMAGE>", "<|im_end|>"
-OPTIONS_FILE = "gvu_xomni.json"
-# option -> (default, help); 576 px = 36 x 36 codes is the released GRPO run's size (omni_r1/grpo.py)
-OPTIONS = {
-    "image_size": (576, "generated image side in pixels, a multiple of 16 (one code per 16 px)"),
-    "reward_path": ("tokens", "tokens: the understanding turn reads the generated codes (pixels: not ported yet)"),
-}
 LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def read_options(path: str) -> tuple[dict, list[str]]:
-    """(options with defaults filled, problems) from `path`/gvu_xomni.json (absent: the defaults)."""
-    opts = {k: d for k, (d, _) in OPTIONS.items()}
-    f = os.path.join(path, OPTIONS_FILE)
-    if not os.path.exists(f):
-        return opts, []
-    try:
-        given = json.loads(open(f).read())
-    except json.JSONDecodeError as e:
-        return opts, [f"{f}:{e.lineno}: not valid JSON: {e.msg}"]
-    problems = [f"{f}: unknown option {k!r}; known: {sorted(OPTIONS)}" for k in given if k not in OPTIONS]
-    opts.update({k: v for k, v in given.items() if k in OPTIONS})
-    s = opts["image_size"]
-    if not isinstance(s, int) or s < PATCH or s % PATCH:
-        problems.append(f"{f}: image_size={s!r} must be a positive multiple of {PATCH} (one code per {PATCH} px)")
-    if opts["reward_path"] == "pixels":
-        problems.append(
-            f"{f}: reward_path 'pixels' needs X-Omni's SigLIP-VQ tokenizer and FLUX decoder, which are not ported yet "
-            "(docs/xomni.md, 'Reward paths'); use reward_path 'tokens'"
-        )
-    elif opts["reward_path"] != "tokens":
-        problems.append(f"{f}: reward_path={opts['reward_path']!r} must be 'tokens' (or, once ported, 'pixels')")
-    return opts, problems
-
-
-def folder_problems(path: str) -> list[str]:
-    """Why `path` is not an X-Omni folder the backend can load (config, tokenizer, options), or []."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        return [f"{path}: no such folder (X-Omni loads from a local folder, e.g. a download of X-Omni/X-Omni-En)"]
-    if not os.path.exists(cfg_path):
-        return [f"{cfg_path} missing: not an X-Omni checkpoint folder"]
-    model_type = json.loads(open(cfg_path).read()).get("model_type")
-    out = [] if model_type == "x-omni" else [f"{cfg_path}: model_type={model_type!r}, not 'x-omni'"]
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        out.append(f"{path}: no tokenizer.json / tokenizer_config.json (the released folder ships its tokenizer)")
-    return out + read_options(path)[1]
 
 
 class XOmniUMM:
@@ -95,10 +50,23 @@ class XOmniUMM:
     name = "xomni"
     abilities = frozenset({Ability.END_TOKEN, Ability.LORA_NARROWING})
 
-    def __init__(self, tokenizer, config, *, image_size: int = 576, instruction: str = INSTRUCTION, max_rows: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        image_size=576,
+        instruction=INSTRUCTION,
+        max_rows=0,
+        codec=None,
+        reward_path="tokens",
+    ):
         self.tokenizer, self.config, self.instruction, self.max_rows = tokenizer, config, instruction, max_rows
         self.hw = (image_size // PATCH, image_size // PATCH)
         self.image_len, self.num_codes = self.hw[0] * self.hw[1], config.image_vocab_size
+        self.reward_path = reward_path
+        # how codes become images and back: TokenCodec (reward_path tokens) or decoder.PixelCodec (pixels)
+        self.codec = codec or TokenCodec(self.hw, self.num_codes)
         self.offset = config.vocab_size  # id of code 0
 
         def tid(tok: str) -> int:
@@ -116,16 +84,23 @@ class XOmniUMM:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         self.image_prefix = f"{SOM}{self.hw[0]} {self.hw[1]}{IMAGE}"
         self._uncond = self._tok(self.image_prefix)
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{self.image_prefix}{EOM}\n{instruction}"}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        ids = self._tok(chat)
-        if ids.count(self.image) != 1:
-            raise ValueError(f"the chat template's user turn holds {ids.count(self.image)} {IMAGE} tokens, not 1")
-        cut = ids.index(self.image) + 1
-        self._und_head, self._und_tail = ids[:cut], ids[cut:]  # the codes go between <IMAGE> and <EOM>
+        self._und = {}
+        self._und_parts(self.hw)
+
+    def _und_parts(self, hw: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """The understanding turn's ids before and after the codes of an H x W image (cached per grid)."""
+        if hw not in self._und:
+            chat = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{SOM}{hw[0]} {hw[1]}{IMAGE}{EOM}\n{self.instruction}"}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = self._tok(chat)
+            if ids.count(self.image) != 1:
+                raise ValueError(f"the chat template's user turn holds {ids.count(self.image)} {IMAGE} tokens, not 1")
+            cut = ids.index(self.image) + 1
+            self._und[hw] = ids[:cut], ids[cut:]  # the codes go between <IMAGE> and <EOM>
+        return self._und[hw]
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -176,6 +151,12 @@ class XOmniUMM:
         model = XOmniForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).eval()
         opts = read_options(path)[0]
         kw.setdefault("image_size", opts["image_size"])
+        kw.setdefault("reward_path", opts["reward_path"])
+        if kw["reward_path"] == "pixels" and "codec" not in kw:
+            from gvu.models.xomni.decoder import PixelCodec
+
+            hw = (kw["image_size"] // PATCH,) * 2
+            kw["codec"] = PixelCodec.from_folder(path, opts["flux_path"], hw, opts["decode_seed"], dtype)
         return cls(AutoTokenizer.from_pretrained(path), model.config, **kw), model
 
     def save_pretrained(self, path: str, model) -> None:
@@ -184,7 +165,7 @@ class XOmniUMM:
         unwrap(model).save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, OPTIONS_FILE), "w") as f:
-            json.dump({"image_size": self.hw[0] * PATCH, "reward_path": "tokens"}, f, indent=1)
+            json.dump({"image_size": self.hw[0] * PATCH, "reward_path": self.reward_path}, f, indent=1)
 
     def lora_targets(self, names: list[str]) -> str:
         """peft target_modules regex: `names` in the decoder layers only (adapter and head layers included, as the
@@ -208,9 +189,18 @@ class XOmniUMM:
         batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
         return batch.to(device) if device is not None else batch
 
-    def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
-        """Codes (N, H*W) -> uint8 (N, 16H, 16W, 3): the lossless code rendering of codes.py (not X-Omni's decoder)."""
-        return render_codes(image_tokens, self.hw)
+    def decode(self, image_tokens: torch.Tensor, texts: list[str] | None = None) -> np.ndarray:
+        """Codes (N, H*W) -> uint8 (N, 16H, 16W, 3), per chunk of max_rows: reward_path tokens renders the codes
+        (codes.py); pixels runs X-Omni's decoder, on `texts` (the paper's) or, as the trainer calls it, on the empty
+        prompt (docs/xomni.md, "Reward paths")."""
+        tokens = torch.as_tensor(image_tokens).long()
+        n = tokens.shape[0]
+        step = self._chunk(n, self.reward_path == "pixels")  # the decoder runs 2 rows an image (true CFG)
+        parts = [
+            self.codec.decode(tokens[s : s + step], None if texts is None else texts[s : s + step])
+            for s in range(0, n, step)
+        ]
+        return np.concatenate(parts)
 
     def _chunk(self, n: int, cfg: bool) -> int:
         return max(n, 1) if not self.max_rows else max(1, self.max_rows // (2 if cfg else 1))
@@ -321,28 +311,31 @@ class XOmniUMM:
 
     # ------------------------------------------------------------------------------------ understanding
 
-    def understanding_prefix(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (N, H*W) -> the understanding turn up to the generation prompt, int64 (N, P)."""
+    def understanding_prefix(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Codes (N, h*w) of an h x w grid (default: the generation grid) -> the understanding turn up to the
+        generation prompt, int64 (N, P)."""
         n, dev = codes.shape[0], codes.device
-        head = torch.tensor(self._und_head, device=dev).expand(n, -1)
-        tail = torch.tensor(self._und_tail, device=dev).expand(n, -1)
+        head, tail = self._und_parts(hw or self.hw)
+        head = torch.tensor(head, device=dev).expand(n, -1)
+        tail = torch.tensor(tail, device=dev).expand(n, -1)
         return torch.cat([head, codes.long() + self.offset, tail], 1)
 
     def prompt_logprobs(self, model, images, prompts: PromptBatch, *, with_eos: bool = False):
         """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)) aligned with
         prompts.ids (left-padded, padded entries 0); `with_eos` adds the <|im_end|> column (N, Lp + 1).
 
-        images: decode's renderings, read back to the codes exactly (the token reward path). ONE teacher-forced
-        text-mode pass per chunk of max_rows right-padded rows; lm_head only at the states that predict scored
-        tokens, through kernels.linear_token_logprobs.
+        images: decode's output, back to codes through the codec (tokens: read exactly; pixels: the SigLIP-VQ
+        tokenizer). ONE teacher-forced text-mode pass per chunk of max_rows right-padded rows; lm_head only at the
+        states that predict scored tokens, through kernels.linear_token_logprobs.
         """
         n, dev = len(prompts), prompts.ids.device
-        codes = read_codes(images, self.hw, self.num_codes).to(dev)
+        codes, hw = self.codec.encode(images)
+        codes = codes.to(dev)
         if codes.shape[0] != n:
             raise ValueError(f"{codes.shape[0]} images but {n} prompts; pass one prompt per image")
         step = self._chunk(n, False)
         parts = [
-            self._prompt_logprobs_rows(model, codes[s : s + step], prompts[s : s + step], with_eos)
+            self._prompt_logprobs_rows(model, codes[s : s + step], hw, prompts[s : s + step], with_eos)
             for s in range(0, n, step)
         ]
         logp = torch.cat(parts)
@@ -351,10 +344,10 @@ class XOmniUMM:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
         return logp, mask
 
-    def _prompt_logprobs_rows(self, model, codes, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+    def _prompt_logprobs_rows(self, model, codes, hw, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
         lm = unwrap(model)
         dev = prompts.ids.device
-        pre = self.understanding_prefix(codes)
+        pre = self.understanding_prefix(codes, hw)
         (n, Lp), P = prompts.ids.shape, pre.shape[1]
         lens = prompts.mask.sum(1)
         # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
@@ -380,5 +373,5 @@ class XOmniUMM:
 
     def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
         """The understanding turn then the prompt, right-padded, for `model(input_ids=...)` in text mode."""
-        codes = read_codes(images, self.hw, self.num_codes)
-        return understanding_rows(self.understanding_prefix(codes), prompts, self.pad)
+        codes, hw = self.codec.encode(images)
+        return understanding_rows(self.understanding_prefix(codes.cpu(), hw), prompts, self.pad)

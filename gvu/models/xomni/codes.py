@@ -45,3 +45,18 @@ def read_codes(images, hw: tuple[int, int], num_codes: int) -> torch.Tensor:
             "token reward path scores the generated codes and cannot read other pixels (docs/xomni.md)"
         )
     return torch.from_numpy(codes.reshape(x.shape[0], H * W))
+
+
+class TokenCodec:
+    """reward_path 'tokens': decode renders the codes (losslessly), encode reads them back. No pixels are modelled."""
+
+    def __init__(self, hw: tuple[int, int], num_codes: int):
+        self.hw, self.num_codes = hw, num_codes
+
+    def decode(self, codes: torch.Tensor, texts=None) -> np.ndarray:
+        """int64 (N, H*W) -> uint8 (N, 16H, 16W, 3); texts are ignored (nothing is generated)."""
+        return render_codes(codes, self.hw)
+
+    def encode(self, images) -> tuple[torch.Tensor, tuple[int, int]]:
+        """decode's renderings -> (codes int64 (N, H*W), (H, W))."""
+        return read_codes(images, self.hw, self.num_codes), self.hw
