@@ -277,25 +277,13 @@ def test_lora_targets_every_decoder_linear_and_gradients_reach_them(tiny):
     assert all(torch.allclose(g[n], g2[n], atol=1e-6) for n in names)
 
 
-def write_run_files(tmp_path, ckpt, zero, extra=""):
-    ds = json.loads((REPO / "configs" / f"ds_zero{zero}.json").read_text())
-    if zero == 3:  # partition every parameter of the tiny model (the shipped threshold would keep them all whole)
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"tag": "t", "prompt": p}) + "\n" for p in PROMPTS + ["a yellow cat"]))
-    cfg = tmp_path / "xomni_tiny.yaml"
-    cfg.write_text(
-        f"model: {{backend: xomni, path: {ckpt}, max_rows: 8}}\n"
-        f"data: {{prompts: {prompts}}}\n"
-        "sampling: {cfg_scale: 2.0, temperature: 1.0, min_p: 0.03}\n"
-        "lora: {r: 4, alpha: 8}\n"
-        "grpo: {prompts_per_step: 2, group_size: 2, beta: 0.03}\n"
-        "optim: {lr: 1.0e-2, warmup_steps: 0}\n"
-        f"train: {{steps: 2, deepspeed: {tmp_path / 'ds.json'}, eval_before: false, eval_after: false, "
-        "save_every: 2, log_every: 1, sample_grid_prompts: 0}\n" + extra
-    )
-    return cfg
+def run_files(tmp_path, ckpt, zero, checkpointing=False):
+    """tests/gvu/test_janus.py's run files (DeepSpeed JSON, prompts of PROMPTS' words, a 2-step YAML) and the
+    overrides that make them an X-Omni run."""
+    from test_janus import write_run_files
+
+    cfg = write_run_files(tmp_path, ckpt, zero, checkpointing)
+    return cfg, ["--model.backend=xomni", "--sampling.cfg_scale=2.0", "--sampling.min_p=0.03", "--grpo.beta=0.03"]
 
 
 def test_two_training_steps_in_process_zero2_move_every_lora_parameter(tiny, tmp_path):
@@ -306,8 +294,9 @@ def test_two_training_steps_in_process_zero2_move_every_lora_parameter(tiny, tmp
     from gvu.metrics import PhaseTimer
 
     path, _, _ = tiny
-    over = [f"--train.output_dir={tmp_path / 'run'}", "--lora.scope=generation", "--grpo.reward_eos=true"]
-    cfg = load_config(write_run_files(tmp_path, path, 2), over)
+    cfg, over = run_files(tmp_path, path, 2)
+    over += [f"--train.output_dir={tmp_path / 'run'}", "--lora.scope=generation", "--grpo.reward_eos=true"]
+    cfg = load_config(cfg, over)
     from gvu import validate
 
     validate.check(cfg)
@@ -332,13 +321,12 @@ def test_two_training_steps_two_cpu_ranks_zero3_checkpointing(tiny, tmp_path):
     import sys
 
     path, _, _ = tiny
-    cfg = write_run_files(tmp_path, path, 3)
+    cfg, over = run_files(tmp_path, path, 3, checkpointing=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29531"]
-    cmd += [str(REPO / "gvu" / "train.py"), str(cfg), f"--train.output_dir={tmp_path / 'run'}"]
-    cmd += ["--model.gradient_checkpointing=true"]
+    cmd += [str(REPO / "gvu" / "train.py"), str(cfg), f"--train.output_dir={tmp_path / 'run'}", *over]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -356,7 +344,7 @@ def test_two_training_steps_two_cpu_ranks_zero3_checkpointing(tiny, tmp_path):
 
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     torch.manual_seed(0)
-    _, fresh = E.build(load_config(cfg))
+    _, fresh = E.build(load_config(cfg, over))
     init = {n.replace(".default", ""): p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
     assert sorted(saved) == sorted(init) and len(saved) == 2 * 7 * 6
     moved = {k: (saved[k].float() - init[k].float()).abs().max().item() for k in saved}

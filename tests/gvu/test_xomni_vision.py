@@ -12,22 +12,14 @@ from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 
+from test_xomni_backend import one_thread  # noqa: E402, F401  (autouse: one torch thread)
+
 from gvu.models.xomni.decoder import SigLIPFluxTransformer, XOmniDecoder  # noqa: E402
 from gvu.models.xomni.vision import SigLIPVQ  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "xomni_vision_tiny"
 META = json.loads((FIXTURE / "meta.json").read_text())
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these models are too small for intra-op parallelism, and on the shared cores a second
-    thread mostly waits at barriers (bench/rollout.py's note: 0.60 s at 1 thread vs 11.2 s at 2 under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
