@@ -457,3 +457,45 @@ def test_pixel_path_refused_without_diffusers(tiny_pixels, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
     assert any("needs diffusers" in p for p in folder_problems(path))
+
+
+def test_one_training_step_on_the_pixel_path(tiny_pixels, tmp_path):
+    """The trainer's step with reward_path pixels: rollout, FLUX decode, SigLIP-VQ re-encode, reward, update."""
+    from gvu import engine as E
+    from gvu import train
+    from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.metrics import PhaseTimer
+
+    path, _, _ = tiny_pixels
+    cfg, over = run_files(tmp_path, path, 2)
+    cfg = load_config(cfg, over + [f"--train.output_dir={tmp_path / 'run'}"])
+    rank, world = E.init_distributed()
+    backend, model = E.build(cfg)
+    assert backend.reward_path == "pixels"
+    engine = E.make_engine(model, cfg, world)
+    sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, 0, rank, world)
+    m, images = train.train_step(engine, backend, sampler.batch(0), cfg, 0, rank, PhaseTimer())
+    assert np.isfinite(m["loss"]) and 0 < m["reward/mean"] < 1 and images.shape == (4, 64, 64, 3)
+    with pytest.raises(ValueError, match="not decode's code rendering"):  # decoded pixels are no code rendering
+        read_codes(images, backend.hw, backend.num_codes)
+
+
+def test_bfloat16_rollout_and_scoring_run_and_track_fp32(tiny):
+    import copy
+
+    _, backend, model = tiny
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = backend.tokenize_prompts(PROMPTS)
+    codes = backend.generate(
+        bf, prompts, 2, SamplingConfig(min_p=0.03, cfg_scale=3.0), torch.Generator().manual_seed(0)
+    )
+    assert codes.shape == (6, backend.image_len) and int(codes.max()) < backend.num_codes
+    other = torch.randint(0, backend.num_codes, codes.shape)  # unlikely codes too: log-probs far from 0
+    with torch.no_grad():
+        lp = backend.image_logprobs(bf, prompts, torch.cat([codes, other]), cfg_scale=3.0)
+        lp32 = backend.image_logprobs(model, prompts, torch.cat([codes, other]), cfg_scale=3.0)
+        r, _ = backend.prompt_logprobs(bf, backend.decode(codes), prompts.repeat_interleave(2), with_eos=True)
+        r32, _ = backend.prompt_logprobs(model, backend.decode(codes), prompts.repeat_interleave(2), with_eos=True)
+    assert lp.dtype == r.dtype == torch.float32 and torch.isfinite(lp).all() and torch.isfinite(r).all()
+    # bf16 weights and activations: mean errors well below the values' own size (measured 1.4 % and 0.4 %)
+    assert (lp - lp32).abs().mean() < 0.1 * lp32.abs().mean() and (r - r32).abs().mean() < 0.1 * r32.abs().mean()
