@@ -13,9 +13,9 @@ from transformers import GenerationConfig
 from gvu.config import ConfigError, load_config
 from gvu.models import backend_class, contract_problems, load_umm
 from gvu.models.xomni.backend import XOmniUMM
-from gvu.models.xomni.options import folder_problems
 from gvu.models.xomni.codes import read_codes, render_codes
 from gvu.models.xomni.modeling import position_ids_from_mask
+from gvu.models.xomni.options import folder_problems
 from gvu.rollout import SamplingConfig
 from gvu.testing import make_tiny_xomni
 
