@@ -3,7 +3,7 @@
     modeling, configuration   the language model (this package's exports)
     backend                   XOmniUMM, the trainer's backend (`model.backend: xomni`); options: its folder options
     codes                     the token reward path's lossless code rendering
-    vision, decoder           the SigLIP-VQ tokenizer and the FLUX decoder (the pixel reward path; decoder needs diffusers)
+    vision, decoder           the SigLIP-VQ tokenizer, the FLUX decoder (the pixel reward path; decoder: diffusers)
     tiny                      tiny vision parts for CPU tests
 
 Importing this package registers model_type "x-omni" with AutoConfig and AutoModelForCausalLM, so a released
