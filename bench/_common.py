@@ -253,3 +253,41 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     t_read = time_fn(lambda: x.sum(), warmup=1, repeats=repeats)
     t_copy = time_fn(lambda: y.copy_(x), warmup=1, repeats=repeats)
     return {"read_gbps": 4 * n / t_read / 1e9, "copy_gbps": 8 * n / t_copy / 1e9}
+
+
+XOMNI_BENCH_IMAGE_SIZE = 128  # 8 x 8 = 64 codes an image: longer image sequences than the fixture's own 4 x 4
+
+
+def load_xomni(image_size: int = XOMNI_BENCH_IMAGE_SIZE, reward_path: str = "tokens"):
+    """(XOmniUMM, eval-mode XOmniForCausalLM, source label) for the tiny X-Omni of the tests.
+
+    gvu.testing.make_tiny_xomni: the fixture tests/fixtures/xomni_tiny (made by the released code; d=32 x 6 layers,
+    text vocab 64, 32 codes) with the tiny offline tokenizer over the shapes-world words, generating image_size px
+    = (image_size / 16)^2 codes. reward_path "pixels" adds the vision parts of tests/fixtures/xomni_vision_tiny
+    (SigLIP-VQ, FLUX decoder, also made by the released code; needs diffusers).
+    """
+    import json
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from gvu.models.xomni.backend import XOmniUMM
+    from gvu.testing import make_tiny_xomni
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="gvu_bench_xomni_") as tmp:
+        path = make_tiny_xomni(str(Path(tmp) / "ckpt"), image_size, janus_tiny_words())
+        if reward_path == "pixels":
+            from gvu.models.xomni.tiny import write_tiny_vision
+
+            write_tiny_vision(path, str(Path(tmp) / "flux"), image_size)
+            opts = {"image_size": image_size, "reward_path": "pixels", "flux_path": str(Path(tmp) / "flux")}
+            (Path(path) / "gvu_xomni.json").write_text(json.dumps(opts))
+        adapter, model = XOmniUMM.from_pretrained(path)
+        modules = [model]
+        if reward_path == "pixels":
+            pipe = adapter.codec.decoder.pipe
+            modules += [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+        for t in [t for m in modules for t in list(m.parameters()) + list(m.buffers())]:
+            t.data = t.data.clone()  # may be memory-mapped from the folder about to be deleted
+    return adapter, model.eval(), f"xomni_tiny-fixture({image_size}px,{reward_path})"

@@ -1,6 +1,6 @@
 """Reward throughput: gvu.reward.intrinsic_reward vs an eager full-logits pass vs the official GvU loop.
 
-    python bench/reward.py                  # both models (--model toy|janus|all): 8, 64, 256 images; the
+    python bench/reward.py                  # every model (--model toy|janus|xomni|all): 8, 64, 256 images; the
                                             # official loop on 8 of them; 5 repeats
     python bench/reward.py --quick          # 4 images per model, 1 repeat (the smoke test)
 
@@ -15,6 +15,8 @@ The baselines run any backend's rows as a plain forward takes them (backend.unde
 random Janus (_common.load_janus) that is [bos] "<|User|>: " [boi] [image_placeholder] x 16 [eoi]
 "\nDescribe the image in detail.\n\n<|Assistant|>:" prompt with pixel_values, so each official per-token forward
 also reruns SigLIP + aligner on the image, as a full forward of the whole prefix does.
+For the tiny X-Omni (_common.load_xomni) the rows are the text-mode ChatML understanding turn reading the codes
+(the token reward path).
 All three start from uint8 pixels and must agree to fp32 tolerance (asserted). Implementations run interleaved in
 one process; ratios are baseline seconds per image / our seconds per image.
 """
@@ -56,15 +58,15 @@ def official_reward(backend, model, images, prompts) -> torch.Tensor:
     for i in range(u.input_ids.shape[0]):
         L = int(u.mask[i].sum())
         extra = {k: v[i : i + 1] for k, v in u.forward_kwargs.items()}
-        prob = torch.ones((), dtype=torch.float32)
+        prob = torch.ones((), dtype=torch.float64)  # the official product is of Python floats: fp32 underflows
         for j in range(L):
             logits = model(input_ids=u.input_ids[i : i + 1, : P + j], **extra).logits  # the whole prefix again
             prob = prob * torch.softmax(logits[0, -1].float(), -1)[u.targets[i, j]]
         out.append(prob ** (1.0 / L))
-    return torch.stack(out)
+    return torch.stack(out).float()
 
 
-MODELS = {"toy": C.load_toy, "janus": C.load_janus}
+MODELS = {"toy": C.load_toy, "janus": C.load_janus, "xomni": C.load_xomni}
 
 
 def make_batch(adapter, n: int, seed: int = 0):
@@ -137,7 +139,7 @@ def bench_model(name: str, args, info: dict) -> list[dict]:
 def run(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4 images, official on 2, 1 repeat: the smoke test")
-    p.add_argument("--model", choices=["toy", "janus", "all"], default="all", help="which UMM(s) to measure")
+    p.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which UMM(s) to measure")
     p.add_argument("--sizes", default="8,64,256", help="comma list of images per batch")
     p.add_argument("--official-images", type=int, default=8, help="images the official loop scores (per-image rate)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
@@ -154,7 +156,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
     info = C.machine_info()
     rows = []
-    for name in ("toy", "janus") if args.model == "all" else (args.model,):
+    for name in tuple(MODELS) if args.model == "all" else (args.model,):
         rows += bench_model(name, args, info)
     path = C.append_csv("reward", rows, args.out)
     worst = max(r["max_rel_diff_vs_ours"] for r in rows)

@@ -1,6 +1,6 @@
 """Rollout throughput: our adapters' batched KV-cache `generate` vs transformers `model.generate`.
 
-    python bench/rollout.py                 # both models (--model toy|janus|all), 5 repeats
+    python bench/rollout.py                 # every model (--model toy|janus|xomni|all), 5 repeats
     python bench/rollout.py --quick         # one 2x2 batch per model, 1 repeat (the smoke test)
 
 toy (B prompts x G samples in 1x8 4x8 16x8 16x16): both sample the same images from the same model and prefixes:
@@ -10,6 +10,9 @@ janus (a tiny random Janus, _common.load_janus; same BxG): JanusUMM.generate (CF
 unconditional rows in one DynamicCache batch) vs `JanusForConditionalGeneration.generate(generation_mode="image",
 guidance_scale=5)` (static cache, generation head on both branches, ClassifierFreeGuidanceLogitsProcessor), each
 prompt repeated G times for both; sampling is plain temperature 1 (HF: top_k=0, top_p=1).
+xomni (the tiny X-Omni fixture, _common.load_xomni; 8 x 8 codes): XOmniUMM.generate (CFG 3, both branches in one
+batch) vs XOmniForCausalLM.generate in image mode with transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor
+(the released path: a second model call per step on the negative prompt), min-p 0.03 as the released rollout.
 Greedy outputs must be identical (asserted). Baseline and ours run interleaved in the same process; ratios are
 HF seconds / our seconds.
 """
@@ -107,10 +110,59 @@ def janus_ours_generate(adapter, model, prompts, num_samples: int, greedy: bool,
     return adapter.generate(model, prompts, num_samples, s, generator=torch.Generator().manual_seed(seed))
 
 
+XOMNI_CFG, XOMNI_MIN_P = 3.0, 0.03  # the released rollout's min-p; CFG on, to measure its second branch
+
+
+def xomni_hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    """XOmniForCausalLM.generate in image mode as the released trainer runs it (mm specials suppressed), CFG through
+    transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor (negative prompt = the image prefix: a second
+    model call with its own cache per step) -> codes (B*G, H*W)."""
+    from transformers import GenerationConfig
+
+    ids, mask = (
+        prompts.gen_ids.repeat_interleave(num_samples, 0),
+        prompts.gen_mask.long().repeat_interleave(num_samples, 0),
+    )
+    kw = (
+        dict(do_sample=False)
+        if greedy
+        else dict(do_sample=True, temperature=1.0, min_p=XOMNI_MIN_P, top_k=0, top_p=1.0)
+    )
+    gc = GenerationConfig(
+        max_new_tokens=adapter.image_len, pad_token_id=adapter.pad, guidance_scale=XOMNI_CFG,
+        suppress_tokens=[adapter.som, adapter.eom, adapter.image], **kw,
+    )  # fmt: skip
+    neg = torch.tensor([adapter._uncond]).expand(ids.shape[0], -1)
+    torch.manual_seed(seed)
+    model.set_generation_mode("image")
+    try:
+        with torch.no_grad():
+            out = model.generate(inputs=ids, attention_mask=mask, generation_config=gc, negative_prompt_ids=neg)
+    finally:
+        model.set_generation_mode("text")
+    return out[:, ids.shape[1] :] - adapter.offset
+
+
+def xomni_ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
+    s = (
+        SamplingConfig(greedy=True, cfg_scale=XOMNI_CFG)
+        if greedy
+        else SamplingConfig(min_p=XOMNI_MIN_P, cfg_scale=XOMNI_CFG)
+    )
+    return adapter.generate(model, prompts, num_samples, s, generator=torch.Generator().manual_seed(seed))
+
+
 MODELS = {
     # name: (loader, default BxG list, ours, HF baseline, baseline label)
     "toy": (C.load_toy, "1x8,4x8,16x8,16x16", ours_generate, hf_generate, "hf_generate"),
     "janus": (C.load_janus, "1x8,4x8,16x8,16x16", janus_ours_generate, janus_hf_generate, "hf_generate(image,cfg=5)"),
+    "xomni": (
+        C.load_xomni,
+        "1x8,4x8,16x8",
+        xomni_ours_generate,
+        xomni_hf_generate,
+        "hf_generate(image,cfg=3,unbatched)",
+    ),
 }
 
 
@@ -174,7 +226,7 @@ def bench_model(name: str, args, info: dict) -> list[dict]:
 def run(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
-    p.add_argument("--model", choices=["toy", "janus", "all"], default="all", help="which UMM(s) to measure")
+    p.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which UMM(s) to measure")
     p.add_argument("--configs", default=None, help="comma list of BxG (prompts x samples); default: per model")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
     # the greedy check before each config's timing already runs both paths once, so no extra warmup by default
@@ -191,7 +243,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
     info = C.machine_info()
     rows = []
-    for name in ("toy", "janus") if args.model == "all" else (args.model,):
+    for name in tuple(MODELS) if args.model == "all" else (args.model,):
         rows += bench_model(name, args, info)
     path = C.append_csv("rollout", rows, args.out)
     print(f"appended {len(rows)} rows to {path}")

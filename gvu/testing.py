@@ -104,6 +104,66 @@ TINY_BACKENDS = {"toy": _tiny_toy, "janus": _tiny_janus}
 TINY_PROMPTS = {"toy": ["a photo of a red circle", "two blue stars"], "janus": ["a photo of a red dog", "two cats"]}
 
 
+XOMNI_WORDS = JANUS_WORDS + ["cats", "dogs"]
+# the ids of tests/fixtures/xomni_tiny (its README): pad 0, digits 10-19, ' ' 20, code k 64 + k, <SOM> 96 ...
+_XOMNI_LOW = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", "user", "assistant", "system", ".", ","]
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_xomni_tokenizer(words: list[str], vocab_size: int = 64, num_codes: int = 32):
+    """An offline PreTrainedTokenizerFast on the ids of tests/fixtures/xomni_tiny: ChatML tokens and template,
+    digits and ' ' as single tokens (as Qwen2 splits them), `words` + the instruction's words below vocab_size,
+    <MM-Token-k> = vocab_size + k, then <SOM> <EOM> <IMAGE>."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gvu.models.xomni.backend import EOM, IMAGE, INSTRUCTION, SOM
+
+    text = [w for w in dict.fromkeys(INSTRUCTION.replace(".", " ").split() + list(words)) if w not in _XOMNI_LOW]
+    if 21 + len(text) > vocab_size:
+        raise ValueError(f"{len(text)} words do not fit in the {vocab_size - 21} free text ids of the tiny X-Omni")
+    pieces = _XOMNI_LOW + [str(d) for d in range(10)] + [" "] + text
+    mm = [f"<MM-Token-{k}>" for k in range(num_codes)] + [SOM, EOM, IMAGE]
+    vocab = {**{w: i for i, w in enumerate(pieces)}, **{t: vocab_size + i for i, t in enumerate(mm)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|\s|[^\s\p{L}\p{N}]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>", padding_side="left"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *mm]})
+    fast.chat_template = _CHATML
+    return fast
+
+
+def make_tiny_xomni(path: str, image_size: int = 64, words: list[str] = XOMNI_WORDS) -> str:
+    """The fixture tests/fixtures/xomni_tiny (made by the released code) with tiny_xomni_tokenizer(words), as an
+    X-Omni folder the backend loads (gvu_xomni.json: image_size px, 16 px a code)."""
+    from pathlib import Path
+
+    from gvu.models.xomni.backend import XOmniUMM
+    from gvu.models.xomni.modeling import XOmniForCausalLM
+
+    fixture = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "xomni_tiny"
+    model = XOmniForCausalLM.from_pretrained(fixture).eval()
+    c = model.config
+    tok = tiny_xomni_tokenizer(words, c.vocab_size, c.image_vocab_size)
+    XOmniUMM(tok, c, image_size=image_size).save_pretrained(path, model)
+    return path
+
+
+def _tiny_xomni(folder: str):
+    from gvu.models.xomni.backend import XOmniUMM
+
+    return XOmniUMM.from_pretrained(make_tiny_xomni(f"{folder}/xomni"))
+
+
+TINY_BACKENDS["xomni"] = _tiny_xomni
+TINY_PROMPTS["xomni"] = ["a photo of a red dog", "two cats"]
+
+
 def tiny_backend(name: str, folder: str):
     """(backend, eval-mode model) of a tiny random model of backend `name`, built offline under `folder`."""
     backend, model = TINY_BACKENDS[name](folder)

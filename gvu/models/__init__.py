@@ -37,6 +37,7 @@ _REGISTRY: dict[str, str | type] = {
     "toy": "gvu.toy.backend:ToyUMM",
     "janus": "gvu.models.janus:JanusUMM",
 }
+_REGISTRY["xomni"] = "gvu.models.xomni.backend:XOmniUMM"
 
 
 def register_backend(name: str, target: str | type) -> None:

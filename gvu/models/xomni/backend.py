@@ -1,0 +1,377 @@
+"""X-Omni (gvu.models.xomni.XOmniForCausalLM) behind the backend contract of gvu/models/base.py; docs/xomni.md.
+
+Sequence layouts, tokenizer-encoded as the released GRPO trainer and reward do (H x W codes, code k = id V + k):
+    generation     prompt "<SOM>{H} {W}<IMAGE>" c_1 ... c_HW                  (raw prompt, no chat template)
+    unconditional  "<SOM>{H} {W}<IMAGE>" c_1 ...  left-padded to the same length, in the same batch (the negative
+                   prompt of transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor, which the released
+                   path runs as a second model call per step)
+    understanding  chat_template(user: "<SOM>{H} {W}<IMAGE>" c_1 ... c_HW "<EOM>\\n" instruction, generation prompt)
+                   prompt [<|im_end|>]        (text mode; only the prompt's tokens, and with_eos the end, scored)
+Image mode = logits of mm_head's first K rows (model.image_head_weight); text mode = lm_head. Neither full-width
+logits tensor is built: rollout forms the (n, K) code logits, scoring goes through kernels.linear_token_logprobs.
+
+CFG: the released processor mixes s (log_softmax(z_c) - log_softmax(z_u)) + log_softmax(z_u), which differs from
+z_u + s (z_c - z_u) by a per-row constant, so both give the same distribution; rollout uses the former (closest to
+transformers' numbers), image_logprobs the latter on the body's last features (mm_head has no bias: CFG on logits
+== CFG on features), as gvu/models/janus.py explains for Janus.
+
+Reward paths (docs/xomni.md, "Reward paths"; `reward_path` in the folder's gvu_xomni.json, options.py):
+- "pixels", the paper's: decode = SigLIP-VQ features -> FLUX decoder -> pixels (decoder.py, needs diffusers), and
+  prompt_logprobs tokenizes those pixels with SigLIP-VQ (vision.py) before the understanding turn.
+- "tokens" (default), an approximation: the understanding turn reads the generated codes themselves (the code space
+  generation wrote them in); decode returns a lossless rendering of the codes (codes.py), read back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
+from gvu.models.xomni.codes import PATCH, TokenCodec
+from gvu.models.xomni.modeling import position_ids_from_mask
+from gvu.models.xomni.options import OPTIONS_FILE, folder_problems, read_options
+from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+
+INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
+SOM, EOM, IMAGE, END = "<SOM>", "<EOM>", "<IMAGE>", "<|im_end|>"
+LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class XOmniUMM:
+    """Layout of an X-Omni UMM (tokenizer, sequence formats, code grid); holds no weights."""
+
+    name = "xomni"
+    abilities = frozenset({Ability.END_TOKEN, Ability.LORA_NARROWING})
+
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        image_size=576,
+        instruction=INSTRUCTION,
+        max_rows=0,
+        codec=None,
+        reward_path="tokens",
+    ):
+        self.tokenizer, self.config, self.instruction, self.max_rows = tokenizer, config, instruction, max_rows
+        self.hw = (image_size // PATCH, image_size // PATCH)
+        self.image_len, self.num_codes = self.hw[0] * self.hw[1], config.image_vocab_size
+        self.reward_path = reward_path
+        # how codes become images and back: TokenCodec (reward_path tokens) or decoder.PixelCodec (pixels)
+        self.codec = codec or TokenCodec(self.hw, self.num_codes)
+        self.offset = config.vocab_size  # id of code 0
+
+        def tid(tok: str) -> int:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if i is None or (i == tokenizer.unk_token_id and tok != tokenizer.unk_token):
+                raise ValueError(f"the tokenizer has no {tok!r} token: not an X-Omni tokenizer (docs/xomni.md)")
+            return i
+
+        self.som, self.eom, self.image, self.end = tid(SOM), tid(EOM), tid(IMAGE), tid(END)
+        for k in (0, self.num_codes - 1):  # understanding reads codes as the ids generation writes them with
+            if tid(f"<MM-Token-{k}>") != self.offset + k:
+                raise ValueError(
+                    f"<MM-Token-{k}> is not id vocab_size + {k} = {self.offset + k}: tokenizer and model differ"
+                )
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+        self.image_prefix = f"{SOM}{self.hw[0]} {self.hw[1]}{IMAGE}"
+        self._uncond = self._tok(self.image_prefix)
+        self._und = {}
+        self._und_parts(self.hw)
+
+    def _und_parts(self, hw: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """The understanding turn's ids before and after the codes of an H x W image (cached per grid)."""
+        if hw not in self._und:
+            chat = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{SOM}{hw[0]} {hw[1]}{IMAGE}{EOM}\n{self.instruction}"}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = self._tok(chat)
+            if ids.count(self.image) != 1:
+                raise ValueError(f"the chat template's user turn holds {ids.count(self.image)} {IMAGE} tokens, not 1")
+            cut = ids.index(self.image) + 1
+            self._und[hw] = ids[:cut], ids[cut:]  # the codes go between <IMAGE> and <EOM>
+        return self._und[hw]
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        from gvu.config import resolve_path
+
+        return [f"model.path={cfg.path!r}: {p}" for p in folder_problems(str(resolve_path(cfg.path)))]
+
+    @classmethod
+    def check_prompts(cls, cfg, texts: list[str]) -> list[str]:
+        out = [
+            f"prompt {i}: empty; every prompt needs at least one token" for i, t in enumerate(texts) if not t.strip()
+        ]
+        mm = (SOM, EOM, IMAGE, "<MM-Token-")
+        return out + [f"prompt {t!r} holds an X-Omni image token" for t in texts if any(m in t for m in mm)]
+
+    @classmethod
+    def load(cls, cfg):
+        from gvu.config import ConfigError, resolve_path
+
+        path = str(resolve_path(cfg.path))
+        problems = folder_problems(path)
+        if problems:
+            raise ConfigError([f"model.path={cfg.path!r}: {p}" for p in problems])
+        return cls.from_pretrained(
+            path,
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=attn_implementation(cfg.attn_implementation),
+            max_rows=cfg.max_rows,
+            instruction=cfg.instruction,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa", **kw):
+        """(backend, XOmniForCausalLM in eval mode, text generation mode) from a released X-Omni folder; keyword
+        options (image_size) override gvu_xomni.json."""
+        from transformers import AutoTokenizer
+
+        from gvu.models.xomni.modeling import XOmniForCausalLM
+
+        problems = folder_problems(path)
+        if problems:
+            raise ValueError(f"{path}: {'; '.join(problems)}")
+        model = XOmniForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).eval()
+        opts = read_options(path)[0]
+        kw.setdefault("image_size", opts["image_size"])
+        kw.setdefault("reward_path", opts["reward_path"])
+        if kw["reward_path"] == "pixels" and "codec" not in kw:
+            from gvu.models.xomni.decoder import PixelCodec
+
+            hw = (kw["image_size"] // PATCH,) * 2
+            kw["codec"] = PixelCodec.from_folder(path, opts["flux_path"], hw, opts["decode_seed"], dtype)
+        return cls(AutoTokenizer.from_pretrained(path), model.config, **kw), model
+
+    def save_pretrained(self, path: str, model) -> None:
+        """Model (the released key names), tokenizer and gvu_xomni.json into `path`."""
+        os.makedirs(path, exist_ok=True)
+        unwrap(model).save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, OPTIONS_FILE), "w") as f:
+            json.dump({"image_size": self.hw[0] * PATCH, "reward_path": self.reward_path}, f, indent=1)
+
+    def lora_targets(self, names: list[str]) -> str:
+        """peft target_modules regex: `names` in the decoder layers only (adapter and head layers included, as the
+        released run); never lm_head / mm_head (the kernels read their weights) nor the embeddings."""
+        return r".*model\.layers\.\d+\..*\.(" + "|".join(map(str, names)) + r")"
+
+    # -------------------------------------------------------------------------------------- text, pixels
+
+    def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
+        """Prompts -> PromptBatch: prompt tokens (B, Lp) and generation prefixes prompt + image prefix (B, Pg)."""
+        answers, prefixes = [], []
+        for t in texts:
+            ids = self._tok(t)
+            unk = self.tokenizer.unk_token_id
+            if not ids or (unk is not None and unk in ids):
+                raise ValueError(f"prompt {t!r}: empty, or words the tokenizer does not know")
+            answers.append(ids)
+            prefixes.append(self._tok(t + self.image_prefix))
+        ids, mask = left_pad(answers, self.pad)
+        gen_ids, gen_mask = left_pad(prefixes, self.pad)
+        batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
+        return batch.to(device) if device is not None else batch
+
+    def decode(self, image_tokens: torch.Tensor, texts: list[str] | None = None) -> np.ndarray:
+        """Codes (N, H*W) -> uint8 (N, 16H, 16W, 3), per chunk of max_rows: reward_path tokens renders the codes
+        (codes.py); pixels runs X-Omni's decoder, on `texts` (the paper's) or, as the trainer calls it, on the empty
+        prompt (docs/xomni.md, "Reward paths")."""
+        tokens = torch.as_tensor(image_tokens).long()
+        n = tokens.shape[0]
+        step = self._chunk(n, self.reward_path == "pixels")  # the decoder runs 2 rows an image (true CFG)
+        parts = [
+            self.codec.decode(tokens[s : s + step], None if texts is None else texts[s : s + step])
+            for s in range(0, n, step)
+        ]
+        return np.concatenate(parts)
+
+    def _chunk(self, n: int, cfg: bool) -> int:
+        return max(n, 1) if not self.max_rows else max(1, self.max_rows // (2 if cfg else 1))
+
+    def _cfg_rows(self, ids: torch.Tensor, mask: torch.Tensor, cfg: bool):
+        """Generation prefixes (n, P) -> (n or 2n, P) ids and long mask; unconditional rows (the image prefix alone,
+        left-padded) after the conditional ones."""
+        mask = mask.long()
+        if not cfg:
+            return ids, mask
+        k = len(self._uncond)
+        u_ids, u_mask = torch.full_like(ids, self.pad), torch.zeros_like(mask)
+        u_ids[:, -k:] = torch.tensor(self._uncond, device=ids.device)
+        u_mask[:, -k:] = 1
+        return torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
+
+    # --------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
+        """Sample `num_samples` images per prompt -> codes int64 (B*G, H*W); row b*G+g is sample g of prompt b.
+
+        KV-cache loop per chunk of max_rows rows: prefill the left-padded prefixes (conditional rows, then with
+        cfg_scale > 1 the unconditional ones), then one forward per code. Each step forms only the K code logits;
+        greedy equals XOmniForCausalLM.generate in image mode (with negative_prompt_ids = the image prefix).
+        """
+        p = prompts.repeat_interleave(num_samples)
+        n, step = len(p), self._chunk(len(p), sampling.cfg_scale > 1)
+        out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
+        for s in range(0, n, step):
+            out[s : s + step] = self._generate_rows(
+                model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], sampling, generator
+            )
+        return out
+
+    def _generate_rows(self, model, gen_ids, gen_mask, sampling: SamplingConfig, generator):
+        from transformers import DynamicCache
+
+        lm = unwrap(model)
+        n, cfg = gen_ids.shape[0], sampling.cfg_scale > 1
+        ids, mask = self._cfg_rows(gen_ids, gen_mask, cfg)
+        pos = position_ids_from_mask(mask)
+        cache = DynamicCache(config=lm.config)
+        h = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        h = h.last_hidden_state[:, -1]
+        next_pos = pos[:, -1:] + 1
+        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
+        with gathered(lm.mm_head.weight):
+            w = lm.mm_head.weight[: self.num_codes]
+            for t in range(self.image_len):
+                logits = F.linear(h, w).float()  # (n or 2n, K): the image-mode part of the released logits
+                if cfg:
+                    z = logits.log_softmax(-1)
+                    logits = cfg_combine(z[:n], z[n:], sampling.cfg_scale)
+                tok = sample_next(logits, sampling, generator)
+                out[:, t] = tok
+                if t == self.image_len - 1:
+                    break
+                feed = (tok + self.offset)[:, None]
+                feed = torch.cat([feed, feed]) if cfg else feed
+                mask = torch.cat([mask, torch.ones_like(feed)], 1)
+                h = lm.model(
+                    input_ids=feed, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+                ).last_hidden_state[:, -1]
+                next_pos = next_pos + 1
+        return out
+
+    def image_logprobs(
+        self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0
+    ):
+        """log p(code_t | prompt, codes_<t) -> fp32 (B*G, H*W) with grad, at `temperature`; cfg_scale > 1 scores the
+        CFG-combined distribution rollout sampled from (module docstring), 1 the conditional branch.
+
+        prompts: B rows; image_tokens: (B*G, H*W), G consecutive samples per prompt. One teacher-forced pass per
+        chunk of max_rows rows, positions counted from the attention mask as in rollout.
+        """
+        n = image_tokens.shape[0]
+        if n % len(prompts):
+            raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
+        p = prompts.repeat_interleave(n // len(prompts))
+        targets, step = image_tokens.long(), self._chunk(n, cfg_scale > 1)
+        return torch.cat(
+            [
+                self._image_logprobs_rows(model, p[s : s + step], targets[s : s + step], temperature, cfg_scale)
+                for s in range(0, n, step)
+            ]
+        )
+
+    def _image_logprobs_rows(self, model, p: PromptBatch, targets, temperature, cfg_scale):
+        lm = unwrap(model)
+        n, cfg = targets.shape[0], cfg_scale > 1
+        ids, mask = self._cfg_rows(p.gen_ids, p.gen_mask, cfg)
+        codes = torch.cat([targets, targets]) if cfg else targets
+        P = ids.shape[1]
+        # the last code is only predicted, never fed: L-1 code inputs give the L states that predict the codes
+        seq = torch.cat([ids, codes[:, :-1] + self.offset], 1)
+        mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
+        h = lm.model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        h = h.last_hidden_state[:, P - 1 :]
+        if cfg:  # fp32 against cancellation in z_c - z_u
+            h = cfg_combine(h[:n].float(), h[n:].float(), cfg_scale)
+        with gathered(lm.mm_head.weight):
+            w = saveable(lm.mm_head.weight[: self.num_codes])  # kept for backward: must outlive the ZeRO-3 gather
+            lp = kernels.linear_token_logprobs(
+                h.to(w.dtype).reshape(-1, h.shape[-1]), w, targets.reshape(-1), temperature=temperature
+            )
+        return lp.view(n, self.image_len)
+
+    # ------------------------------------------------------------------------------------ understanding
+
+    def understanding_prefix(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Codes (N, h*w) of an h x w grid (default: the generation grid) -> the understanding turn up to the
+        generation prompt, int64 (N, P)."""
+        n, dev = codes.shape[0], codes.device
+        head, tail = self._und_parts(hw or self.hw)
+        head = torch.tensor(head, device=dev).expand(n, -1)
+        tail = torch.tensor(tail, device=dev).expand(n, -1)
+        return torch.cat([head, codes.long() + self.offset, tail], 1)
+
+    def prompt_logprobs(self, model, images, prompts: PromptBatch, *, with_eos: bool = False):
+        """log p(prompt_j | instruction, image, prompt_<j) -> (logp fp32 (N, Lp), mask bool (N, Lp)) aligned with
+        prompts.ids (left-padded, padded entries 0); `with_eos` adds the <|im_end|> column (N, Lp + 1).
+
+        images: decode's output, back to codes through the codec (tokens: read exactly; pixels: the SigLIP-VQ
+        tokenizer). ONE teacher-forced text-mode pass per chunk of max_rows right-padded rows; lm_head only at the
+        states that predict scored tokens, through kernels.linear_token_logprobs.
+        """
+        n, dev = len(prompts), prompts.ids.device
+        codes, hw = self.codec.encode(images)
+        codes = codes.to(dev)
+        if codes.shape[0] != n:
+            raise ValueError(f"{codes.shape[0]} images but {n} prompts; pass one prompt per image")
+        step = self._chunk(n, False)
+        parts = [
+            self._prompt_logprobs_rows(model, codes[s : s + step], hw, prompts[s : s + step], with_eos)
+            for s in range(0, n, step)
+        ]
+        logp = torch.cat(parts)
+        mask = prompts.mask.clone()
+        if with_eos:
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
+        return logp, mask
+
+    def _prompt_logprobs_rows(self, model, codes, hw, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+        lm = unwrap(model)
+        dev = prompts.ids.device
+        pre = self.understanding_prefix(codes, hw)
+        (n, Lp), P = prompts.ids.shape, pre.shape[1]
+        lens = prompts.mask.sum(1)
+        # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
+        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
+        seq = torch.full((n, P + Lp + int(with_eos)), self.pad, dtype=torch.long, device=dev)
+        seq[:, :P] = pre
+        rows, cols = prompts.mask.nonzero(as_tuple=True)
+        seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
+        pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
+        if with_eos:
+            ar = torch.arange(n, device=dev)
+            seq[ar, P + lens] = self.end
+            rows, pos = torch.cat([rows, ar]), torch.cat([pos, P - 1 + lens])
+            cols = torch.cat([cols, torch.full_like(ar, Lp)])
+            targets = torch.cat([targets, torch.full_like(ar, self.end)])
+        h = lm.model(input_ids=seq).last_hidden_state  # right padding: causal attention never sees the pads
+        head = lm.lm_head
+        with gathered(head.weight):
+            lp = kernels.linear_token_logprobs(h[rows, pos], head.weight, targets)
+        logp = torch.zeros((n, Lp + int(with_eos)), dtype=torch.float32, device=dev)
+        logp[rows, cols] = lp.float()
+        return logp
+
+    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
+        """The understanding turn then the prompt, right-padded, for `model(input_ids=...)` in text mode."""
+        codes, hw = self.codec.encode(images)
+        return understanding_rows(self.understanding_prefix(codes.cpu(), hw), prompts, self.pad)
