@@ -73,5 +73,5 @@ setup(
         "pillow",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"], "triton": ["triton"], "flash": ["flash-attn"]},
+    extras_require={"dev": ["pytest", "ruff"], "triton": ["triton"], "flash": ["flash-attn"], "xomni": ["diffusers"]},
 )

@@ -42,7 +42,7 @@ def opt(default, help: str, choices: tuple | None = None):
 
 @dataclass
 class ModelConfig:
-    backend: str = opt("toy", "registered backend name (gvu.models.backend_names(): toy, janus)")
+    backend: str = opt("toy", "registered backend name (gvu.models.backend_names(): toy, janus, xomni)")
     path: str = opt("gvu/assets/toy_umm", "checkpoint folder (relative: the cwd, then the repo), or a cached hub id")
     dtype: str = opt("float32", "weights and activations dtype", ("float32", "bfloat16", "float16"))
     attn_implementation: str = opt(
@@ -51,7 +51,7 @@ class ModelConfig:
     )  # fmt: skip
     gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in backward (less memory)")
     max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once")
-    instruction: str = opt("Describe the image in detail.", "janus: the user text of the reward's understanding turn")
+    instruction: str = opt("Describe the image in detail.", "janus, xomni: the user text of the reward's understanding turn")
 
     def problems(self) -> list[str]:
         return ["model.max_rows must be >= 0"] if self.max_rows < 0 else []
