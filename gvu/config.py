@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGE = Path(__file__).resolve().parent
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -51,7 +49,9 @@ class ModelConfig:
     )  # fmt: skip
     gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in backward (less memory)")
     max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once")
-    instruction: str = opt("Describe the image in detail.", "janus, xomni: the user text of the reward's understanding turn")
+    instruction: str = opt(
+        "Describe the image in detail.", "janus, xomni: the user text of the reward's understanding turn"
+    )
 
     def problems(self) -> list[str]:
         return ["model.max_rows must be >= 0"] if self.max_rows < 0 else []
@@ -370,10 +370,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def config_from_dict(d: dict) -> Config:
-    return load_config(None, [f"{s}.{k}={json.dumps(v)}" for s, sec in d.items() for k, v in sec.items()])
 
 
 def field_help() -> list[tuple[str, list[tuple[str, str, object, str]]]]:

@@ -40,7 +40,6 @@ from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _folder_problem(path: str) -> str | None:

@@ -41,7 +41,6 @@ from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 SOM, EOM, IMAGE, END = "<SOM>", "<EOM>", "<IMAGE>", "<|im_end|>"
-LANGUAGE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class XOmniUMM:
