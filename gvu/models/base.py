@@ -124,6 +124,57 @@ def understanding_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, **f
     return UnderstandingInputs(ids, targets, mask, forward_kwargs)
 
 
+@dataclass
+class AnswerRows:
+    """Right-padded understanding rows `seq` (N, P + Lp [+ 1]) = a prefix, then each prompt (then an end token), and
+    where their scored tokens sit: the state at (rows, pos) predicts `targets`, which is prompts.ids[rows, cols]
+    (cols == Lp: the end token). Right padding keeps a row's values independent of its batch (causal attention
+    never sees the pads)."""
+
+    seq: torch.Tensor
+    rows: torch.Tensor
+    pos: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    width: int
+
+    def scatter(self, lp: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the scored tokens (rows/cols order) -> fp32 (N, width) aligned with prompts.ids, 0 at pads."""
+        out = torch.zeros((self.seq.shape[0], self.width), dtype=torch.float32, device=lp.device)
+        out[self.rows, self.cols] = lp.float()
+        return out
+
+
+def answer_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, end: int | None = None) -> AnswerRows:
+    """prefix int64 (N, P) + the left-padded prompts (+ `end` after each) -> AnswerRows."""
+    dev = prompts.ids.device
+    (n, Lp), P = prompts.ids.shape, prefix.shape[1]
+    lens = prompts.mask.sum(1)
+    col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)  # column j sits at P + j - pads
+    seq = torch.full((n, P + Lp + int(end is not None)), pad, dtype=torch.long, device=dev)
+    seq[:, :P] = prefix
+    rows, cols = prompts.mask.nonzero(as_tuple=True)
+    seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
+    pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
+    if end is not None:
+        ar = torch.arange(n, device=dev)
+        seq[ar, P + lens] = end
+        rows, pos, cols = (
+            torch.cat([rows, ar]),
+            torch.cat([pos, P - 1 + lens]),
+            torch.cat([cols, torch.full_like(ar, Lp)]),
+        )
+        targets = torch.cat([targets, torch.full_like(ar, end)])
+    return AnswerRows(seq, rows, pos, cols, targets, Lp + int(end is not None))
+
+
+def scored_mask(prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+    """bool (N, Lp [+ 1]): the prompt's tokens (and the end token's column) that prompt_logprobs scores."""
+    if not with_eos:
+        return prompts.mask.clone()
+    return torch.cat([prompts.mask, torch.ones((len(prompts), 1), dtype=torch.bool, device=prompts.mask.device)], 1)
+
+
 class UMMBackend(Protocol):
     """A unified multimodal model as the trainer sees it. Image tokens are codebook ids int64 (N, image_len) in
     raster order; row b*G + g of a rollout is sample g of prompt b. Every log-prob is fp32."""

@@ -25,7 +25,15 @@ from tokenizers import Tokenizer
 import kernels
 from gvu.config import resolve_path
 from gvu.models import backbone_and_head, gathered, saveable, unwrap
-from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.base import (
+    Ability,
+    PromptBatch,
+    UnderstandingInputs,
+    answer_rows,
+    left_pad,
+    scored_mask,
+    understanding_rows,
+)
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
@@ -313,35 +321,11 @@ class ToyUMM:
         codes = self.encode(images).to(dev)
         if codes.shape[0] != len(prompts):
             raise ValueError(f"{codes.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
-        pre = self._understanding_prefix(codes)
-        n, Lp = prompts.ids.shape
-        P = pre.shape[1]
-        lens = prompts.mask.sum(1)
-        # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
-        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
-        seq = torch.full((n, P + Lp + int(with_eos)), self.pad, dtype=torch.long, device=dev)
-        seq[:, :P] = pre
-        rows, cols = prompts.mask.nonzero(as_tuple=True)
-        seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
-        pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
-        if with_eos:
-            ar = torch.arange(n, device=dev)
-            seq[ar, P + lens] = self.eos
-            rows, pos = torch.cat([rows, ar]), torch.cat([pos, P - 1 + lens])
-            cols, targets = (
-                torch.cat([cols, torch.full_like(ar, Lp)]),
-                torch.cat([targets, torch.full_like(ar, self.eos)]),
-            )
-        h = body(input_ids=seq).last_hidden_state  # right padding: causal attention never sees the pads
-        hs = h[rows, pos]
+        a = answer_rows(self._understanding_prefix(codes), prompts, self.pad, self.eos if with_eos else None)
+        h = body(input_ids=a.seq).last_hidden_state
         with gathered(head.weight):
-            lp = kernels.linear_token_logprobs(hs, head.weight, targets, bias=head.bias)
-        logp = torch.zeros((n, Lp + int(with_eos)), dtype=torch.float32, device=dev)
-        logp[rows, cols] = lp
-        mask = prompts.mask.clone()
-        if with_eos:
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
-        return logp, mask
+            lp = kernels.linear_token_logprobs(h[a.rows, a.pos], head.weight, a.targets, bias=head.bias)
+        return a.scatter(lp), scored_mask(prompts, with_eos)
 
     def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
         """[bos][boi] image [eoi][describe] prompt, right-padded, for `model(input_ids=...)`."""

@@ -32,7 +32,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.base import (
+    Ability,
+    PromptBatch,
+    UnderstandingInputs,
+    answer_rows,
+    left_pad,
+    scored_mask,
+    understanding_rows,
+)
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
@@ -337,38 +345,14 @@ class XOmniUMM:
             self._prompt_logprobs_rows(model, codes[s : s + step], hw, prompts[s : s + step], with_eos)
             for s in range(0, n, step)
         ]
-        logp = torch.cat(parts)
-        mask = prompts.mask.clone()
-        if with_eos:
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.bool, device=dev)], 1)
-        return logp, mask
+        return torch.cat(parts), scored_mask(prompts, with_eos)
 
     def _prompt_logprobs_rows(self, model, codes, hw, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
         lm = unwrap(model)
-        dev = prompts.ids.device
-        pre = self.understanding_prefix(codes, hw)
-        (n, Lp), P = prompts.ids.shape, pre.shape[1]
-        lens = prompts.mask.sum(1)
-        # column j of the left-padded prompt sits at P + j - pads in the right-padded sequence
-        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
-        seq = torch.full((n, P + Lp + int(with_eos)), self.pad, dtype=torch.long, device=dev)
-        seq[:, :P] = pre
-        rows, cols = prompts.mask.nonzero(as_tuple=True)
-        seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
-        pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
-        if with_eos:
-            ar = torch.arange(n, device=dev)
-            seq[ar, P + lens] = self.end
-            rows, pos = torch.cat([rows, ar]), torch.cat([pos, P - 1 + lens])
-            cols = torch.cat([cols, torch.full_like(ar, Lp)])
-            targets = torch.cat([targets, torch.full_like(ar, self.end)])
-        h = lm.model(input_ids=seq).last_hidden_state  # right padding: causal attention never sees the pads
-        head = lm.lm_head
-        with gathered(head.weight):
-            lp = kernels.linear_token_logprobs(h[rows, pos], head.weight, targets)
-        logp = torch.zeros((n, Lp + int(with_eos)), dtype=torch.float32, device=dev)
-        logp[rows, cols] = lp.float()
-        return logp
+        a = answer_rows(self.understanding_prefix(codes, hw), prompts, self.pad, self.end if with_eos else None)
+        h = lm.model(input_ids=a.seq).last_hidden_state
+        with gathered(lm.lm_head.weight):
+            return a.scatter(kernels.linear_token_logprobs(h[a.rows, a.pos], lm.lm_head.weight, a.targets))
 
     def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
         """The understanding turn then the prompt, right-padded, for `model(input_ids=...)` in text mode."""
