@@ -50,8 +50,8 @@ def tags_newest_first(ckpt_dir: Path) -> tuple[list[str], list[str]]:
 def tag_problem(folder: Path, world: int = 1) -> str | None:
     """Why checkpoint `folder` cannot be loaded (a missing or unreadable file), or None. Reads every file."""
     files = sorted(folder.glob("*.pt"))
-    if not any(f.name.startswith("mp_rank_") for f in files):
-        return f"{folder}: no mp_rank_*_model_states.pt"
+    if not any("model_states" in f.name for f in files):  # mp_rank_00_ (ZeRO-2) or zero_pp_rank_<r>_ (ZeRO-3)
+        return f"{folder}: no *model_states.pt"
     optim = [f for f in files if "optim_states" in f.name]
     if len(optim) != world:
         return f"{folder}: {len(optim)} optimizer state files for {world} rank(s) (missing, or saved by another world)"
