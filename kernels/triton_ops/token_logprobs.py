@@ -220,9 +220,8 @@ def token_logprobs_triton(
     """log softmax(logits / T)[targets]: logits (N, V) unit last stride, targets (N,) int64 -> fp32 (N,).
 
     Returns (logp, entropy) with entropy fp32 (N,) or None; differentiable w.r.t. logits (also via entropy).
+    Preconditions (checked by kernels.ops): targets in [0, V) or ignore_index, temperature > 0.
     """
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be (N, V) with unit last stride; got shape {tuple(logits.shape)}")
     targets = targets.contiguous().long()
     logp, ent = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index), bool(return_entropy))
     return logp, ent
