@@ -2,7 +2,7 @@
 CUDA, on this CPU-only machine; and the shipped configurations do not spill registers.
 
 Triton compiles for a GPUTarget in a child process (this suite runs its interpreter). The first run after a kernel
-change compiles 712 variants (~10 min on 2 busy cores, one per core); the rows are then cached under ~/.cache/gvu
+change compiles 712 variants (~8 min on 2 busy cores, kernels/README.md); the rows are then cached under ~/.cache/gvu
 (kernels/triton_ops/cuda_variants.py), so later runs take about a second.
 """
 
