@@ -73,5 +73,12 @@ setup(
         "pillow",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"], "triton": ["triton"], "flash": ["flash-attn"], "xomni": ["diffusers"]},
+    extras_require={
+        "dev": ["pytest", "ruff"],
+        "triton": ["triton"],
+        "flash": ["flash-attn"],
+        "xomni": ["diffusers"],  # X-Omni's FLUX decoder (the pixel reward path)
+        # The peers bench/kernel_ops.py measures against (versions the results were taken with).
+        "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+    },
 )

@@ -1,29 +1,27 @@
-"""Kernel benchmark on CPU: the C++ ops against eager, torch.compile and a TRL-style loop, in one run.
+"""Kernel benchmark: our ops against eager, torch.compile and real peers (TRL, Liger, Cut Cross-Entropy), one run.
 
-    python bench/kernel_ops.py                # full run (~10 min on 2 cores), appends to bench/results/kernel_ops.csv
+    python bench/kernel_ops.py                # CPU full run (~15 min, 2 cores), appends to bench/results/kernel_ops.csv
     python bench/kernel_ops.py --quick        # tiny shapes, a smoke test (tests/bench/test_bench_quick.py)
     python bench/kernel_ops.py --only linear  # only the linear_token_logprobs cases
+    python bench/kernel_ops.py --device cuda  # GPU shapes (V = 151936, N = 8192), Triton kernels and GPU peers
+    python bench/kernel_ops.py --dry-run      # tiny shapes on CPU, every implementation, 1 repeat (gpu_check.sh)
 
 (Not bench/kernels.py: run as a script, bench/ comes first on sys.path and that name shadowed the `kernels` package.)
+The implementations and the check that each peer computes the same quantity are in bench/kernel_peers.py; a peer
+that cannot run (not installed, CUDA only, failed) is a row "skipped: <reason>" or "error: ...", never dropped.
 
-token_logprobs, fwd (no grad: old/reference log-probs) and fwd+bwd, vs
-  eager    torch.log_softmax(x.float() / T, -1).gather(...)
-  compile  torch.compile of the same function (compile time excluded: it happens in the warmup)
-  trl      TRL selective_log_softmax style: fp32 gather minus a logsumexp looped per sequence (bf16: a per-
-           sequence log_softmax), sequences of 512 tokens
-linear_token_logprobs vs eager `hidden @ W.T` then the eager log-softmax-gather, fwd and fwd+bwd, twice: with a
-trainable head (hidden and weight need gradients; the C++ op recomputes logits in backward) and with a frozen head
-(only hidden needs a gradient, the RL/LoRA case; the C++ op's forward also forms E = sum_j p_j W_j per chunk, so its
-backward is O(N x D)). Eager gets the same requires_grad pattern, so it skips dW too.
+token_logprobs, fwd (no grad: old/reference log-probs) and fwd+bwd; linear_token_logprobs fwd and fwd+bwd, twice:
+with a trainable head (hidden and weight need gradients) and with a frozen head (only hidden needs a gradient, the
+RL/LoRA case; the C++ op then saves E = sum_j p_j W_j so its backward is O(N x D)). Every implementation gets the
+same requires_grad pattern. liger_grpo / ours_grpo time the same GRPO loss (kernel_peers.GRPO), fwd+bwd only.
 
-Time: median of repeats after a warmup. Throughput: token op in GB/s of bytes that must move (fwd reads N*V
-logits; fwd+bwd reads them twice and writes the gradient) and its share of the machine's bandwidth measured here
-(fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd; fwd+bwd 6NDV with a
-trainable head, 4NDV frozen; the same count for every implementation although the C++ op does 8NDV trainable, as it
-recomputes the logits in backward, and 4NDV frozen, as its forward's extra p @ W GEMM replaces eager's dH GEMM).
-Peak memory: every (case, implementation) runs in a fresh subprocess; after the warmup its resident-set
-high-water mark is reset (/proc/self/clear_refs) and the peak growth over one call is recorded. It counts
-everything the call allocates and touches, outputs and gradients included; "extra" subtracts the gradient.
+Time: median of repeats after a warmup (CUDA: synchronised). Throughput: token op in GB/s of bytes that must move
+(fwd reads N*V logits; fwd+bwd reads them twice and writes the gradient) and, on CPU, its share of the machine's
+bandwidth measured here (fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd;
+fwd+bwd 6NDV trainable, 4NDV frozen, the same count for every implementation). Peak memory: on CPU every (case,
+implementation) runs in a fresh subprocess and the resident-set high-water mark over one call is recorded (reset
+through /proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated over one call. "extra" subtracts the
+gradients. "x ours" = time of the implementation / time of ours (for liger_grpo: / ours_grpo).
 """
 
 from __future__ import annotations
@@ -42,10 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
+import kernel_peers  # noqa: E402
 from _common import append_csv, machine_info, mem_available_bytes, memory_bandwidth, peak_rss_delta, time_fn  # noqa: E402
 
-TEMPERATURE = 0.9
-SEQ = 512  # tokens per sequence for the TRL-style loop (TRL loops over the batch dimension)
+import kernels  # noqa: E402  (after the path: this checkout's kernels, not an installed one)
+
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (dtype, N, V)
@@ -64,113 +63,92 @@ LINEAR_FULL = [
     ("bf16", 2048, 1024, 151936),
     ("bf16", 8192, 2048, 32000),  # a training micro-batch's tokens (e.g. 4 x 2048), where N x V dominates
 ]
-TOKEN_QUICK = [("fp32", 64, 3000)]
-LINEAR_QUICK = [("fp32", 64, 32, 3000)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Implementations
-
-
-def eager_logprobs(x, t):
-    return torch.log_softmax(x.float() / TEMPERATURE, -1).gather(-1, t[:, None]).squeeze(-1)
-
-
-def trl_logprobs(x, t):
-    """Our take on TRL's selective_log_softmax on (B, L, V) logits, after TRL's `logits / temperature`."""
-    x = (x / TEMPERATURE).view(-1, min(SEQ, x.shape[0]), x.shape[-1])
-    t = t.view(x.shape[0], -1)
-    if x.dtype == torch.float32:
-        picked = x.gather(-1, t[..., None]).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(seq, dim=-1) for seq in x])
-        return (picked - lse).reshape(-1)
-    out = [torch.log_softmax(seq, -1).gather(-1, tt[:, None]).squeeze(-1) for seq, tt in zip(x, t, strict=True)]
-    return torch.stack(out).float().reshape(-1)
-
-
-def cpp_logprobs(x, t):
-    from kernels import cpp_ops
-
-    return cpp_ops.token_logprobs_cpp(x, t, temperature=TEMPERATURE, ignore_index=-100, return_entropy=False)[0]
-
-
-def eager_linear(h, w, t):
-    return eager_logprobs(h @ w.T, t)
-
-
-def cpp_linear(h, w, t):
-    from kernels import cpp_ops
-
-    return cpp_ops.linear_token_logprobs_cpp(h, w, t, bias=None, temperature=TEMPERATURE, ignore_index=-100,
-                                             return_entropy=False, chunk_size=None)[0]  # fmt: skip
-
-
-TOKEN_IMPLS = ("cpp", "eager", "compile", "trl")
-LINEAR_IMPLS = ("cpp", "eager")
-
-
-def _fn(op: str, impl: str):
-    if op == "token":
-        base = {"cpp": cpp_logprobs, "eager": eager_logprobs, "compile": eager_logprobs, "trl": trl_logprobs}[impl]
-    else:
-        base = {"cpp": cpp_linear, "eager": eager_linear}[impl]
-    return torch.compile(base, dynamic=False) if impl == "compile" else base
+# GPU: the TRL anchor shape [8, 1024, 151936] and Qwen2.5 / Janus-Pro heads (docs/gpu.md).
+TOKEN_CUDA = [("bf16", 8192, 151936), ("fp32", 8192, 151936), ("bf16", 16384, 32000)]
+LINEAR_CUDA = [("bf16", 8192, 2048, 151936), ("bf16", 8192, 4096, 151936), ("bf16", 8192, 2048, 16384)]
+TOKEN_QUICK = [("fp32", 1024, 3000)]
+LINEAR_QUICK = [("fp32", 1024, 32, 3000)]
+TOKEN_DRY = [("fp32", 512, 300)]  # plumbing only: every implementation once, few torch.compile recompiles
+LINEAR_DRY = [("fp32", 512, 16, 300)]
 
 
 def _est_peak_bytes(op, impl, dtype, n, v, d=0, frozen=False) -> int:
     """Rough peak of fwd+bwd, to skip cases that would not fit next to other jobs on a shared machine."""
     nv, es = n * v, DT[dtype].itemsize
     if op == "linear":
-        return {"cpp": (4 * n * d if frozen else 3 * v * d) * 4 + 8 * 256 * v, "eager": nv * (3 * es + 12)}[impl]
-    return nv * es * 2 + {"cpp": 0, "eager": nv * 12, "compile": nv * 8, "trl": nv * 6}[impl]
+        fused = (4 * n * d if frozen else 3 * v * d) * 4 + 8 * 256 * v
+        return nv * (3 * es + 12) if impl == "eager" else fused
+    return nv * es * 2 + {"ours": 0, "eager": nv * 12, "compile": nv * 8, "trl": nv * 6}[impl]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Worker: one (case, implementation) in a fresh process
+# Worker: one (case, implementation), in a fresh process on CPU
 
 
-def _modes(frozen: bool) -> tuple[str, ...]:
-    return ("fwdbwd",) if frozen else ("fwd", "fwdbwd")  # without grad a frozen head's forward is the same run
+def _modes(frozen: bool, impl: str) -> tuple[str, ...]:
+    # Without grad a frozen head's forward is the trainable one's run; loss impls compute gradients in forward.
+    return ("fwdbwd",) if frozen or impl in kernel_peers.LOSS_IMPLS else ("fwd", "fwdbwd")
+
+
+def _peak_and_time(run, device: str) -> tuple[int, float]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    peak = peak_rss_delta(run)
+    return peak, time.perf_counter() - t0
 
 
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
-    op, impl, dtype = spec["op"], spec["impl"], DT[spec["dtype"]]
+    op, impl, dtype, device = spec["op"], spec["impl"], DT[spec["dtype"]], spec["device"]
     n, v, d = spec["n"], spec["v"], spec.get("d", 0)
-    fn = _fn(op, impl)
-    t = torch.randint(0, v, (n,))
-    g = torch.randn(n)
+    # In-process runs (quick, dry, CUDA) compile the peers' torch.compile functions for many shapes and grad modes.
+    torch._dynamo.config.recompile_limit = 64
+    fn = kernel_peers.make(op, impl, device)
+    t = torch.randint(0, v, (n,), device=device)
+    g = torch.randn(n, device=device)
     if op == "token":
-        inputs = [torch.randn(n, v).mul_(3).to(dtype)]
+        inputs = [torch.randn(n, v, device=device).mul_(3).to(dtype)]
     else:
-        inputs = [torch.randn(n, d).to(dtype), torch.randn(v, d).mul_(d**-0.5).to(dtype)]
-    # Frozen head: only hidden gets a gradient (the weight is passed without requires_grad, to eager as well).
+        inputs = [torch.randn(n, d, device=device).to(dtype), torch.randn(v, d, device=device).mul_(d**-0.5).to(dtype)]
+    # Frozen head: only hidden gets a gradient (the weight is passed without requires_grad, to every impl).
     trainable = [True, not spec.get("frozen", False)]
+    try:  # the same quantity as ours, or no timing at all
+        out: dict = {"verify": kernel_peers.verify(op, impl, fn, inputs, t, trainable)}
+    except AssertionError as e:
+        return {"error": f"verification failed: {e}"[:300]}
     grad_bytes = sum(x.numel() * x.element_size() for x, tr in zip(inputs, trainable, strict=False) if tr)
-    out: dict = {}
-    for mode in _modes(spec.get("frozen", False)):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for mode in _modes(spec.get("frozen", False), impl):
         if mode == "fwd":
             args = inputs
 
             def run(args=args):
                 with torch.no_grad():
                     fn(*args, t)
+                sync()
         else:
             args = [x.detach().requires_grad_(tr) for x, tr in zip(inputs, trainable, strict=False)]
 
             def run(args=args):
                 for x in args:
                     x.grad = None
-                fn(*args, t).backward(g)
+                res = fn(*args, t)
+                (res if impl in kernel_peers.LOSS_IMPLS else res @ g).backward()
+                sync()
 
         t0 = time.perf_counter()
-        run()  # warmup (and compilation for torch.compile)
+        run()  # warmup (and compilation for torch.compile / Liger / CCE)
         first = time.perf_counter() - t0
         for x in args:
             x.grad = None
-        t0 = time.perf_counter()
-        peak = peak_rss_delta(run)
-        t_peak = time.perf_counter() - t0
+        peak, t_peak = _peak_and_time(run, device)
         # The peak-memory call counts as the first repeat. Short cases get more repeats (~1 s in all): a median
         # of 2-3 sub-ms runs is noise on shared cores.
         reps = max(spec["repeats"], min(50, int(1.0 / max(t_peak, 1e-4))))
@@ -200,94 +178,161 @@ def run_worker(spec: dict, timeout: int, in_process: bool = False) -> dict:
 # Driver
 
 
+def _parse_cases(specs: list[str] | None, n_fields: int) -> list[tuple] | None:
+    """'bf16:2048:1024:32000' -> ('bf16', 2048, 1024, 32000)."""
+    if not specs:
+        return None
+    out = [tuple(x if i == 0 else int(x) for i, x in enumerate(spec.split(":"))) for spec in specs]
+    bad = [spec for spec, c in zip(specs, out, strict=True) if len(c) != n_fields or c[0] not in DT]
+    if bad:
+        sys.exit(f"bad case {bad}: want dtype:N:V (token) or dtype:N:D:V (linear), dtype in {tuple(DT)}")
+    return out
+
+
+def _cases(args) -> tuple[list, list]:
+    token, linear = _parse_cases(args.token, 3), _parse_cases(args.linear, 4)
+    if token or linear:
+        return token or [], linear or []
+    if args.dry_run:
+        return TOKEN_DRY, LINEAR_DRY
+    if args.quick:
+        return TOKEN_QUICK, LINEAR_QUICK
+    return (TOKEN_CUDA, LINEAR_CUDA) if args.device == "cuda" else (TOKEN_FULL, LINEAR_FULL)
+
+
+def _header(args) -> tuple[dict, dict]:
+    """(machine info for every row, measured bandwidth or {}) and the printed header lines."""
+    info = machine_info()
+    info.update(device=args.device, backend=kernels.choose(torch.device(args.device)), peers=_peer_versions())
+    bw = {}
+    if args.device == "cpu":
+        from kernels import cpp_ops
+
+        bw = memory_bandwidth(0.125 if args.quick or args.dry_run else 1.0, repeats=3 if args.quick else 5)
+        info.update(simd=cpp_ops.simd_level() if cpp_ops.available() else "n/a", read_gbps=round(bw["read_gbps"], 2),
+                    copy_gbps=round(bw["copy_gbps"], 2))  # fmt: skip
+        print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, simd {info['simd']}; memory "
+              f"bandwidth read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s (fp32)")  # fmt: skip
+    else:
+        import triton
+
+        info.update(triton=triton.__version__, cuda_version=torch.version.cuda)
+        print(f"# {info['cuda']}, CUDA {torch.version.cuda}, triton {triton.__version__}")
+    print(f"# torch {info['torch']}, ours = {info['backend']} backend, peers {info['peers']}, git {info['git_sha']}, "
+          f"load avg {info['loadavg']}, {info['timestamp']}")  # fmt: skip
+    return info, bw
+
+
+def _peer_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("trl", "liger-kernel", "cut-cross-entropy"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} missing")
+    return " ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (CI smoke test)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, 2 repeats (CI smoke test)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, 1 repeat (scripts/gpu_check.sh)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live")
     ap.add_argument("--csv", default=os.path.join(HERE, "results", "kernel_ops.csv"), help="CSV to append rows to")
     ap.add_argument("--only", choices=("token", "linear"), help="run only this op's cases")
+    ap.add_argument("--impls", help="comma-separated subset of implementations (default: all)")
+    ap.add_argument("--token", nargs="+", metavar="DT:N:V", help="token cases instead, e.g. bf16:2048:32000")
+    ap.add_argument("--linear", nargs="+", metavar="DT:N:D:V", help="linear cases instead, e.g. bf16:2048:1024:32000")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per (case, implementation) subprocess")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per (case, implementation) subprocess")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-
-    from kernels import cpp_ops
-
-    if not cpp_ops.available():
-        sys.exit(f"C++ ops unavailable: {cpp_ops.load_error()}")
+    if args.dry_run:
+        args.device = "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here (use --dry-run for the CPU smoke run)")
     t_start = time.time()
-    info = machine_info()
-    bw = memory_bandwidth(0.125 if args.quick else 1.0, repeats=3 if args.quick else 5)
-    repeats = args.repeats or (2 if args.quick else 3)
-    info.update(simd=cpp_ops.simd_level(), read_gbps=round(bw["read_gbps"], 2), copy_gbps=round(bw["copy_gbps"], 2))
-    print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-          f"simd {info['simd']}, git {info['git_sha']}, load avg {info['loadavg']}")  # fmt: skip
-    print(f"# memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s (1 GiB fp32)")
-
-    token_cases = TOKEN_QUICK if args.quick else TOKEN_FULL
-    linear_cases = LINEAR_QUICK if args.quick else LINEAR_FULL
+    info, bw = _header(args)
+    repeats = args.repeats or (1 if args.dry_run else 2 if args.quick else 3)
+    token_cases, linear_cases = _cases(args)
+    pick = set(args.impls.split(",")) if args.impls else None
     # (op, dtype, N, D, V, implementations, frozen head)
-    jobs = [("token", dt, n, 0, v, TOKEN_IMPLS, False) for dt, n, v in token_cases]
+    jobs = [("token", dt, n, 0, v, kernel_peers.TOKEN_IMPLS, False) for dt, n, v in token_cases]
     for dt, n, d, v in linear_cases:
-        jobs += [("linear", dt, n, d, v, LINEAR_IMPLS, False), ("linear", dt, n, d, v, LINEAR_IMPLS, True)]
+        heads = (False,) if args.dry_run else (False, True)
+        jobs += [("linear", dt, n, d, v, kernel_peers.LINEAR_IMPLS, fr) for fr in heads]
     if args.only:
         jobs = [j for j in jobs if j[0] == args.only]
     rows, verdicts = [], []
-    header = (f"{'op':<14}{'dtype':<6}{'N':>6}{'D':>6}{'V':>8} {'mode':<7}{'impl':<8}{'ms':>10}{'thruput':>14}"
-              f"{'%bw':>6}{'peak MB':>10}{'cpp x':>8}")  # fmt: skip
-    print(header)
+    print(f"{'op':<14}{'dtype':<6}{'N':>6}{'D':>6}{'V':>8} {'mode':<7}{'impl':<11}{'ms':>10}{'thruput':>14}"
+          f"{'%bw':>6}{'peak MB':>10}{'x ours':>8}{'err':>9}")  # fmt: skip
     for op, dt, n, d, v, impls, frozen in jobs:
-        res = {}
-        grads = "logits" if op == "token" else ("hidden" if frozen else "hidden+weight")
+        impls = [i for i in impls if pick is None or i in pick or i.startswith("ours")]
+        res = {impl: _run(args, op, impl, dt, n, d, v, frozen, repeats) for impl in impls}
         label = op + ("-frozen" if frozen else "")
-        for impl in impls:
-            if impl == "compile" and args.no_compile:
-                res[impl] = {"error": "skipped (--no-compile)"}
-                continue
-            need = _est_peak_bytes(op, impl, dt, n, v, d, frozen)
-            if need > 0.6 * mem_available_bytes():
-                res[impl] = {"error": f"skipped: needs ~{need / 2**30:.1f} GiB, too much next to other jobs"}
-                continue
-            spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats, frozen=frozen)
-            res[impl] = run_worker(spec, args.timeout, in_process=args.quick)
-        for mode in _modes(frozen):
-            cpp = res["cpp"].get(mode)
+        for mode in ("fwd", "fwdbwd"):
             for impl in impls:
-                r = res[impl].get(mode)
-                row = dict(info, quick=args.quick, op=op, dtype=dt, N=n, D=d, V=v, T=TEMPERATURE, mode=mode,
-                           impl=impl, ms="", throughput="", unit="", pct_bw="", peak_mb="", extra_mb="",
-                           cpp_speedup="", note=res[impl].get("error", ""), grads=grads)  # fmt: skip
-                if r is None:
-                    rows.append(row)
-                    print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}  {row['note']}")
+                if mode not in _modes(frozen, impl):
                     continue
-                if op == "token":
-                    nbytes = n * v * DT[dt].itemsize * (1 if mode == "fwd" else 3)
-                    thr, unit = nbytes / r["ms"] / 1e6, "GB/s"
-                    pct = 100 * thr / (bw["read_gbps"] if mode == "fwd" else bw["copy_gbps"])
-                else:
-                    flops = 2 * n * d * v * (1 if mode == "fwd" else (2 if frozen else 3))
-                    thr, unit, pct = flops / r["ms"] / 1e6, "GFLOP/s", None
-                speed = cpp["ms"] and r["ms"] / cpp["ms"] if cpp else None
-                row.update(ms=round(r["ms"], 2), throughput=round(thr, 2), unit=unit,
-                           pct_bw="" if pct is None else round(pct, 1), peak_mb=round(r["peak"] / 2**20, 1),
-                           extra_mb=round((r["peak"] - r["grad_bytes"]) / 2**20, 1),
-                           cpp_speedup="" if speed is None else round(speed, 2))  # fmt: skip
+                row = _row(info, bw, args, op, dt, n, d, v, mode, impl, frozen, res)
                 rows.append(row)
-                pct_s = "" if pct is None else f"{pct:.0f}"
-                sp_s = "" if speed is None else f"{speed:.2f}"
-                print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<8}{r['ms']:>10.1f}{thr:>9.1f} {unit:<5}"
-                      f"{pct_s:>5}{r['peak'] / 2**20:>10.0f}{sp_s:>8}")  # fmt: skip
+                if not row["ms"]:
+                    print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<11}  {row['note']}")
+                    continue
+                print(f"{label:<14}{dt:<6}{n:>6}{d:>6}{v:>8} {mode:<7}{impl:<11}{row['ms']:>10.1f}"
+                      f"{row['throughput']:>9.1f} {row['unit']:<5}{row['pct_bw']!s:>5}{row['peak_mb']:>10.0f}"
+                      f"{row['ours_x']!s:>8}{row['err']:>9.1e}")  # fmt: skip
         verdicts += _targets(label, dt, n, d, v, res)
-    print("\n# targets")
-    for line in verdicts:
+    print("\n# targets" + (" (dry run: shapes too small to judge them)" if args.dry_run else ""))
+    for line in [] if args.dry_run else verdicts:
         print(line)
     append_csv("kernel_ops", rows, path=args.csv)
     print(f"\n# {len(rows)} rows appended to {os.path.relpath(args.csv)} in {time.time() - t_start:.0f} s; "
           f"load avg at the end {machine_info()['loadavg']}")  # fmt: skip
+
+
+def _run(args, op, impl, dt, n, d, v, frozen, repeats) -> dict:
+    why = kernel_peers.unavailable(impl, args.device)
+    if why or (impl == "compile" and args.no_compile):
+        return {"error": f"skipped: {why or '--no-compile'}"}
+    kind = impl if op == "token" else ("eager" if impl == "eager" else "ours")  # fused peers: ~ours
+    need = _est_peak_bytes(op, kind, dt, n, v, d, frozen)
+    free = torch.cuda.mem_get_info()[0] if args.device == "cuda" else mem_available_bytes()
+    if need > 0.6 * free:
+        return {"error": f"skipped: needs ~{need / 2**30:.1f} GiB, more than 60% of the free memory"}
+    spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats, frozen=frozen, device=args.device)
+    # CPU: a fresh process per case for clean peak-RSS numbers; quick / dry runs and CUDA stay in process.
+    return run_worker(spec, args.timeout, in_process=args.quick or args.dry_run or args.device == "cuda")
+
+
+def _row(info, bw, args, op, dt, n, d, v, mode, impl, frozen, res) -> dict:
+    r = res[impl].get(mode)
+    base = res.get(kernel_peers.BASELINE.get(impl, "ours"), {}).get(mode)
+    grads = "logits" if op == "token" else ("hidden" if frozen else "hidden+weight")
+    row = dict(info, quick=args.quick or args.dry_run, op=op, dtype=dt, N=n, D=d, V=v, T=kernel_peers.TEMPERATURE,
+               mode=mode, impl=impl, ms="", throughput="", unit="", pct_bw="", peak_mb="", extra_mb="", ours_x="",
+               err="", grad_err="", note=res[impl].get("error", ""), grads=grads)  # fmt: skip
+    if r is None:
+        row["note"] = row["note"] or "no result"
+        return row
+    if op == "token":
+        nbytes = n * v * DT[dt].itemsize * (1 if mode == "fwd" else 3)
+        thr, unit = nbytes / r["ms"] / 1e6, "GB/s"
+        pct = 100 * thr / (bw["read_gbps"] if mode == "fwd" else bw["copy_gbps"]) if bw else None
+    else:
+        flops = 2 * n * d * v * (1 if mode == "fwd" else (2 if frozen else 3))
+        thr, unit, pct = flops / r["ms"] / 1e6, "GFLOP/s", None
+    row.update(ms=round(r["ms"], 3), throughput=round(thr, 2), unit=unit, pct_bw="" if pct is None else round(pct, 1),
+               peak_mb=round(r["peak"] / 2**20, 1), extra_mb=round((r["peak"] - r["grad_bytes"]) / 2**20, 1),
+               ours_x=round(r["ms"] / base["ms"], 2) if base else "", err=res[impl]["verify"]["err"],
+               grad_err=res[impl]["verify"]["grad_err"])  # fmt: skip
+    return row
 
 
 def _targets(op, dt, n, d, v, res) -> list[str]:
@@ -296,32 +341,32 @@ def _targets(op, dt, n, d, v, res) -> list[str]:
     def get(impl):
         return res.get(impl, {}).get("fwdbwd")
 
-    cpp, eager, comp = get("cpp"), get("eager"), get("compile")
+    ours, eager, comp = get("ours"), get("eager"), get("compile")
     shape = f"{op} {dt} N={n}" + (f" D={d}" if d else "") + f" V={v}"
     out = []
-    if cpp is None:
-        return [f"{shape}: C++ run failed: {res['cpp'].get('error')}"]
+    if ours is None:
+        return [f"{shape}: our run failed: {res['ours'].get('error')}"]
     ok = lambda b: "MET" if b else "NOT MET"  # noqa: E731
     if op == "token":
         if comp:
-            out.append(f"{shape}: fwd+bwd <= torch.compile ({cpp['ms']:.0f} vs {comp['ms']:.0f} ms): "
-                       f"{ok(cpp['ms'] <= comp['ms'])}")  # fmt: skip
+            out.append(f"{shape}: fwd+bwd <= torch.compile ({ours['ms']:.0f} vs {comp['ms']:.0f} ms): "
+                       f"{ok(ours['ms'] <= comp['ms'])}")  # fmt: skip
         if eager:
-            sp = eager["ms"] / cpp["ms"]
+            sp = eager["ms"] / ours["ms"]
             out.append(f"{shape}: fwd+bwd >= 2x eager ({sp:.2f}x): {ok(sp >= 2)}")
-            extra_c = cpp["peak"] - cpp["grad_bytes"]
+            extra_o = ours["peak"] - ours["grad_bytes"]
             extra_e = eager["peak"] - eager["grad_bytes"]
-            frac = extra_c / max(extra_e, 1)
-            out.append(f"{shape}: extra memory beyond grad < 2% of eager's ({extra_c / 2**20:.0f} MB vs "
+            frac = extra_o / max(extra_e, 1)
+            out.append(f"{shape}: extra memory beyond grad < 2% of eager's ({extra_o / 2**20:.0f} MB vs "
                        f"{extra_e / 2**20:.0f} MB = {100 * frac:.1f}%): {ok(frac < 0.02)}")  # fmt: skip
     elif eager:
-        frac, slow = cpp["peak"] / max(eager["peak"], 1), cpp["ms"] / eager["ms"]
-        out.append(f"{shape}: peak < 1/8 of eager's ({cpp['peak'] / 2**20:.0f} vs {eager['peak'] / 2**20:.0f} MB"
+        frac, slow = ours["peak"] / max(eager["peak"], 1), ours["ms"] / eager["ms"]
+        out.append(f"{shape}: peak < 1/8 of eager's ({ours['peak'] / 2**20:.0f} vs {eager['peak'] / 2**20:.0f} MB"
                    f" = 1/{1 / max(frac, 1e-9):.1f}): {ok(frac < 1 / 8)}")  # fmt: skip
         out.append(f"{shape}: time within 1.5x eager ({slow:.2f}x): {ok(slow <= 1.5)}")
         if op == "linear":  # a trainable head: the V x D weight gradient is an output both sides must hold
-            floor = cpp["grad_bytes"] / max(eager["peak"], 1)
-            out.append(f"{shape}:   (the gradients alone, {cpp['grad_bytes'] / 2**20:.0f} MB, are 1/{1 / floor:.1f} "
+            floor = ours["grad_bytes"] / max(eager["peak"], 1)
+            out.append(f"{shape}:   (the gradients alone, {ours['grad_bytes'] / 2**20:.0f} MB, are 1/{1 / floor:.1f} "
                        f"of eager's peak: the bound any implementation meets at this shape)")  # fmt: skip
     return out
 

@@ -1,5 +1,6 @@
 // group_advantages: GRPO advantages from rewards (B*G,) in consecutive groups of G, in fp64 like the reference.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +8,6 @@
 #include <string>
 #include <vector>
 
-#include "ops.h"
 
 namespace gvu {
 
@@ -75,3 +75,13 @@ at::Tensor group_advantages_op(const at::Tensor& rewards_in, int64_t group_size,
 }
 
 }  // namespace gvu
+
+// Schemas and CPU implementations of this op (a fragment of the gvu_kernels library: each op registers its
+// own, as kernels/cpp_ops/<op>.py registers its fake kernels and autograd).
+TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
+  m.def("group_advantages(Tensor rewards, int group_size, float eps, str scale, bool unbiased) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {
+  m.impl("group_advantages", &gvu::group_advantages_op);
+}

@@ -7,12 +7,13 @@
 // tokens), so they cost nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward,
 // never N x V.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <tuple>
 
-#include "ops.h"
 #include "rows.h"
 
 namespace gvu {
@@ -299,3 +300,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 }
 
 }  // namespace gvu
+
+// Schemas and CPU implementations of this op (a fragment of the gvu_kernels library: each op registers its
+// own, as kernels/cpp_ops/<op>.py registers its fake kernels and autograd).
+TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
+  m.def(
+      "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature,"
+      " int ignore_index, bool return_entropy, int chunk_size) -> (Tensor logp, Tensor lse, Tensor entropy)");
+  // The same forward for a frozen head (hidden needs a gradient, weight and bias do not): also returns
+  // cen = E - W[t] and ent_dir = F + H E, (N, D) in weight's dtype (ent_dir (0, 0) without entropy), from which
+  // the backward forms dH without recomputing logits.
+  m.def(
+      "linear_token_logprobs_frozen(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature,"
+      " int ignore_index, bool return_entropy, int chunk_size) -> (Tensor logp, Tensor lse, Tensor entropy,"
+      " Tensor cen, Tensor ent_dir)");
+  m.def(
+      "linear_token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor hidden,"
+      " Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor entropy, float temperature,"
+      " int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor grad_hidden, Tensor grad_weight,"
+      " Tensor grad_bias)");
+  m.def("default_chunk_size(int n, int v) -> int", &gvu::default_chunk_size);  // for tests and the benchmark
+}
+
+TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {
+  m.impl("linear_token_logprobs", &gvu::linear_token_logprobs_fwd);
+  m.impl("linear_token_logprobs_frozen", &gvu::linear_token_logprobs_frozen_fwd);
+  m.impl("linear_token_logprobs_backward", &gvu::linear_token_logprobs_bwd);
+}

@@ -3,10 +3,10 @@
 // Forward reads each row once and writes three fp32 numbers per row: extra memory is O(N) (no second N x V
 // buffer). Backward reads the logits once more and writes the gradient in logits' dtype.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
-#include "ops.h"
 #include "rows.h"
 
 namespace gvu {
@@ -81,3 +81,19 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const 
 }
 
 }  // namespace gvu
+
+// Schemas and CPU implementations of this op (a fragment of the gvu_kernels library: each op registers its
+// own, as kernels/cpp_ops/<op>.py registers its fake kernels and autograd).
+TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
+  m.def(
+      "token_logprobs(Tensor logits, Tensor targets, float temperature, int ignore_index, bool return_entropy)"
+      " -> (Tensor logp, Tensor lse, Tensor entropy)");
+  m.def(
+      "token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor logits,"
+      " Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {
+  m.impl("token_logprobs", &gvu::token_logprobs_fwd);
+  m.impl("token_logprobs_backward", &gvu::token_logprobs_bwd);
+}

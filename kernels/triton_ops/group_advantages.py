@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_ops._common import PTR, Variant
+
 # ---------------------------------------------------------------------------------------------- kernels
 
 
@@ -113,9 +115,25 @@ def _group_advantages_kernel(
 _SCALE_IDS = {"group": 0, "batch": 1, "none": 2}
 
 
-def _block(n: int) -> int:
-    # GRPO groups are 2-64 rewards: one block covers a group; huge groups loop in 1024-wide steps.
-    return max(16, min(1024, triton.next_power_of_2(max(n, 1))))
+def _meta(n: int, **flags) -> dict:
+    """BLOCK (and flags) for a loop over n values; also enumerated by cuda_variants."""
+    # GRPO groups are 2-64 rewards: one block covers a group; huge groups loop in 1024-wide steps. 4 warps, the
+    # Triton default: 1024 lanes at most, fp64 maths is latency- not throughput-bound here.
+    return dict(BLOCK=max(16, min(1024, triton.next_power_of_2(max(n, 1)))), **flags, num_warps=4)
+
+
+def cuda_variants() -> list[Variant]:
+    """Every kernel x reward dtype x BLOCK x SCALE the launcher can pick on CUDA (rewards of any float dtype)."""
+    blocks = sorted({_meta(2**k)["BLOCK"] for k in range(12)})
+    std = dict(stats_ptr="*fp64", std_ptr="*fp64", ddof="fp32")
+    out = [Variant(_batch_std_kernel, std, _meta(b)) for b in blocks]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        r = PTR[dtype]
+        adv = dict(r_ptr=r, adv_ptr="*fp32", std_ptr="*fp64", eps="fp32", unbiased="fp32")
+        for b in blocks:
+            out.append(Variant(_group_stats_kernel, dict(r_ptr=r, stats_ptr="*fp64"), _meta(b)))
+            out += [Variant(_group_advantages_kernel, adv, _meta(b, SCALE=i)) for i in _SCALE_IDS.values()]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ functional API
@@ -125,23 +143,20 @@ def _block(n: int) -> int:
 def group_advantages_triton(
     rewards: torch.Tensor, group_size: int, *, eps: float = 1e-4, scale: str = "group", unbiased: bool = True
 ) -> torch.Tensor:
-    """rewards (B*G,) contiguous float -> fp32 (B*G,) advantages; see the module docstring for the maths."""
-    if scale not in _SCALE_IDS:
-        raise ValueError(f"scale must be one of {tuple(_SCALE_IDS)}, got {scale!r}")
-    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries")
+    """rewards (B*G,) contiguous float -> fp32 (B*G,) advantages; see the module docstring for the maths.
+
+    Preconditions (checked by kernels.ops): 1-D, B*G a multiple of group_size >= 1, scale in group/batch/none.
+    """
     r = rewards.detach().contiguous()
     adv = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     num_groups = r.numel() // group_size
     if num_groups == 0:
         return adv
-    block = _block(group_size)
     std = torch.zeros(1, dtype=torch.float64, device=r.device)
     if scale == "batch":
         stats = torch.empty((num_groups, 3), dtype=torch.float64, device=r.device)
-        _group_stats_kernel[(num_groups,)](r, stats, group_size, BLOCK=block)
-        _batch_std_kernel[(1,)](stats, std, num_groups, float(unbiased), BLOCK=_block(num_groups))
-    _group_advantages_kernel[(num_groups,)](
-        r, adv, std, group_size, float(eps), float(unbiased), BLOCK=block, SCALE=_SCALE_IDS[scale]
-    )
+        _group_stats_kernel[(num_groups,)](r, stats, group_size, **_meta(group_size))
+        _batch_std_kernel[(1,)](stats, std, num_groups, float(unbiased), **_meta(num_groups))
+    meta = _meta(group_size, SCALE=_SCALE_IDS[scale])
+    _group_advantages_kernel[(num_groups,)](r, adv, std, group_size, float(eps), float(unbiased), **meta)
     return adv

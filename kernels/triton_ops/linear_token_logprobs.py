@@ -18,11 +18,13 @@ The fp32 atomics make dW/dH summation order (and so the last bits) run-dependent
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops._common import cast_out, interpreting
+from kernels.triton_ops._common import DTYPES, PTR, Variant, cast_out, interpreting
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -169,32 +171,45 @@ def _linear_logprobs_bwd(
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _config(device: torch.device) -> dict:
+def _config(device: torch.device, V: int, dtype: torch.dtype, backward: bool) -> dict:
     """Tile sizes and the number of programs to aim for; tl.dot needs every block dim >= 16."""
     if interpreting() or device.type != "cuda":
-        # The interpreter runs programs one after another in numpy: small tiles keep tests fast and make
-        # modest shapes cross several row, vocab and D blocks (and at least two vocab splits).
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, target_programs=0)
+        # The interpreter runs programs one after another in numpy, so its cost is the program count: small
+        # tiles make modest shapes cross several row, vocab and D blocks (and at least two vocab splits); past
+        # V = 2048, 1024-wide vocab tiles (V = 50257: 50 blocks, the last partial; 20 s -> 0.8 s fwd+bwd at N=3).
+        return dict(BLOCK_N=16, BLOCK_V=32 if V <= 2048 else 1024, BLOCK_D=32, num_warps=4, target_programs=0)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # 128 x 128 fp32 accumulators with 64-wide D steps: 2*128*128*64 FLOPs per 32 KB of bf16 operands loaded,
-    # the usual Hopper/Ampere GEMM tile; 4 programs per SM hide the online-LSE epilogue behind other tiles.
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, target_programs=4 * sms)
+    return dict(_cuda_tiles(dtype, backward), target_programs=4 * sms)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _cuda_tiles(dtype: torch.dtype, backward: bool) -> dict:
+    """The CUDA tile configuration of a launch: the largest tiles whose every variant compiles without register
+    spills on sm_80 and sm_90 (bench/triton_resources.py; kernels/README.md, "Registers and spills")."""
+    # The forward holds the z, exp and entropy tiles at once and the backward z, p, dz and two output slices: at the
+    # usual 128 x 128 x 64 GEMM tile both used all 255 registers and spilled 0.8-11 KB per thread (ptxas). The bf16 /
+    # fp16 backward keeps the 128 x 128 tile (so its dH / dW atomics stay as they were) with 16-wide D steps; the
+    # forward takes 64-row tiles; fp32 (the IEEE-dot precision path, no tensor cores) 64 x 64 tiles in both.
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8)
+    if backward:
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=16, num_warps=8)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8)
+
+
+def _meta(cfg: dict, dtype: torch.dtype, has_bias: bool, **flags) -> dict:
+    """Constexprs and num_warps of a launch (forward or backward, by `flags`; also enumerated by cuda_variants)."""
+    tiles = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps")}
     # fp32 inputs get true fp32 products (torch's default for matmul), not TF32's 10-bit mantissa.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _interp_bf16(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    interp_bf16 = interpreting() and dtype == torch.bfloat16
+    return dict(tiles, HAS_BIAS=has_bias, **flags, PRECISION=precision, INTERP_BF16=interp_bf16)
 
 
 def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
     N, D = h.shape
     V = w.shape[0]
-    cfg = _config(h.device)
-    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    cfg = _config(h.device, V, h.dtype, backward=False)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
     # Split the vocabulary across programs only as far as needed to fill the GPU: each split costs O(N) of
     # partial state. The interpreter uses two splits so the cross-split combine is always exercised.
@@ -208,9 +223,7 @@ def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
     zt = torch.zeros(N, **f32)
     _linear_logprobs_fwd[(n_blocks * splits,)](
         h, h.stride(0), w, w.stride(0), b if b is not None else w, t, m, s, u, zt,
-        N, V, D, inv_t, splits, per_split,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None, WITH_ENT=with_ent,
-        PRECISION=_precision(h.dtype), INTERP_BF16=_interp_bf16(h.dtype), num_warps=cfg["num_warps"],
+        N, V, D, inv_t, splits, per_split, **_meta(cfg, h.dtype, b is not None, WITH_ENT=with_ent),
     )  # fmt: skip
     # Combine the per-split (m, s, u): O(N x splits), negligible next to the N x V x D tile work.
     mx = m.amax(1, keepdim=True)
@@ -233,8 +246,8 @@ def _forward(h, w, b, t, inv_t: float, ignore_index: int, with_ent: bool):
 def _backward(h, w, b, t, stats, ent, g_logp, g_ent, inv_t, ignore_index, need_dh, need_dw, need_db):
     N, D = h.shape
     V = w.shape[0]
-    cfg = _config(h.device)
-    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    cfg = _config(h.device, V, h.dtype, backward=True)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
     f32 = dict(dtype=torch.float32, device=h.device)
     # fp32 accumulators whatever the input dtype: summing N/BLOCK_N bf16 partial products into a bf16 dW
@@ -248,12 +261,38 @@ def _backward(h, w, b, t, stats, ent, g_logp, g_ent, inv_t, ignore_index, need_d
         g_logp if g_logp is not None else stats,
         g_ent if g_ent is not None else stats,
         dh, dw, db, N, V, D, inv_t, ignore_index, v_blocks,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, HAS_BIAS=b is not None,
-        WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
-        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-        PRECISION=_precision(h.dtype), INTERP_BF16=_interp_bf16(h.dtype), num_warps=cfg["num_warps"],
+        **_bwd_meta(cfg, h.dtype, b is not None, g_logp is not None, g_ent is not None, need_dh, need_dw, need_db),
     )  # fmt: skip
     return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None)
+
+
+def _bwd_meta(cfg, dtype, has_bias, with_g_logp, with_g_ent, need_dh, need_dw, need_db) -> dict:
+    flags = dict(WITH_G_LOGP=with_g_logp, WITH_G_ENT=with_g_ent, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db)
+    return _meta(cfg, dtype, has_bias, **flags)
+
+
+def cuda_variants() -> list[Variant]:
+    """Every (dtype, constexprs) the launchers above can pick on CUDA (one tile config): bias and entropy on or off
+    in the forward; in the backward each upstream-gradient case (logp, entropy, both) x each non-empty set of
+    needed gradients (d_bias only with a bias). Bias in the inputs' dtype (another bias dtype changes one load)."""
+    out = []
+    for dtype in DTYPES:
+        x = PTR[dtype]
+        fwd = dict(h_ptr=x, w_ptr=x, b_ptr=x, tgt_ptr="*i64", inv_t="fp32")
+        fwd.update(m_ptr="*fp32", s_ptr="*fp32", u_ptr="*fp32", zt_ptr="*fp32")
+        bwd = dict(h_ptr=x, w_ptr=x, b_ptr=x, tgt_ptr="*i64", inv_t="fp32")
+        bwd.update({k: "*fp32" for k in ("stats_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr", "dh_ptr", "dw_ptr")})
+        bwd["db_ptr"] = "*fp32"
+        for has_bias in (False, True):
+            for e in (False, True):
+                meta = _meta(_cuda_tiles(dtype, False), dtype, has_bias, WITH_ENT=e)
+                out.append(Variant(_linear_logprobs_fwd, fwd, meta))
+            for gl, ge in ((True, False), (False, True), (True, True)):
+                for need in itertools.product((False, True), repeat=3):
+                    if any(need) and (has_bias or not need[2]):
+                        meta = _bwd_meta(_cuda_tiles(dtype, True), dtype, has_bias, gl, ge, *need)
+                        out.append(Variant(_linear_logprobs_bwd, bwd, meta))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- autograd
@@ -305,10 +344,9 @@ def linear_token_logprobs_triton(
 
     Returns (logp, entropy or None); gradients for hidden, weight (fp32-accumulated) and bias. Mixed input
     dtypes are computed in the wider one. `chunk_size` is ignored (the tiles already bound memory).
+    Preconditions (checked by kernels.ops): N >= 1, targets in [0, V) or ignore_index, bias (V,), temperature > 0.
     """
     del chunk_size
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"need hidden (N, D) and weight (V, D); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     dtype = torch.promote_types(hidden.dtype, weight.dtype)  # tl.dot needs both operands in one dtype
     h = hidden.to(dtype)
     w = weight.to(dtype)
@@ -316,7 +354,4 @@ def linear_token_logprobs_triton(
     w = w if w.stride(-1) == 1 else w.contiguous()
     b = None if bias is None else bias.contiguous()
     t = targets.contiguous().long()
-    if t.numel() == 0:
-        empty = h.new_zeros(0, dtype=torch.float32) + (h.sum() + w.sum()) * 0  # keeps the graph for autograd
-        return empty, (empty.clone() if return_entropy else None)
     return _LinearTokenLogprobs.apply(h, w, b, t, float(temperature), int(ignore_index), bool(return_entropy))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops._common import cast_out, interpreting
+from kernels.triton_ops._common import DTYPES, PTR, Variant, cast_out, interpreting
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -144,8 +144,16 @@ def _block_v(V: int) -> int:
     return max(16, min(4096, triton.next_power_of_2(V)))
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8
+def _fwd_meta(V: int, with_ent: bool) -> dict:
+    """Constexprs and num_warps of the forward launch (also enumerated by cuda_variants)."""
+    block = _block_v(V)
+    return dict(BLOCK_V=block, WITH_ENT=with_ent, num_warps=4 if block <= 1024 else 8)
+
+
+def _bwd_meta(V: int, with_g_logp: bool, with_g_ent: bool, dtype: torch.dtype, interp: bool) -> dict:
+    meta = _fwd_meta(V, False)
+    del meta["WITH_ENT"]
+    return dict(meta, WITH_G_LOGP=with_g_logp, WITH_G_ENT=with_g_ent, BF16_BY_HAND=interp and dtype == torch.bfloat16)
 
 
 def _forward(x: torch.Tensor, t: torch.Tensor, inv_t: float, ignore_index: int, with_ent: bool):
@@ -154,12 +162,8 @@ def _forward(x: torch.Tensor, t: torch.Tensor, inv_t: float, ignore_index: int, 
     stats = torch.empty((N, 2), dtype=torch.float32, device=x.device)  # (m, log s) per row
     ent = torch.empty(N, dtype=torch.float32, device=x.device) if with_ent else logp  # dummy pointer if unused
     if N:
-        block = _block_v(V)
         # 1-D grid over rows: grid x allows 2^31 - 1 programs, y/z only 65535.
-        _token_logprobs_fwd[(N,)](
-            x, x.stride(0), t, logp, stats, ent, V, inv_t, ignore_index,
-            BLOCK_V=block, WITH_ENT=with_ent, num_warps=_num_warps(block),
-        )  # fmt: skip
+        _token_logprobs_fwd[(N,)](x, x.stride(0), t, logp, stats, ent, V, inv_t, ignore_index, **_fwd_meta(V, with_ent))
     return logp, stats, (ent if with_ent else None)
 
 
@@ -167,18 +171,31 @@ def _backward(x, t, stats, ent, g_logp, g_ent, inv_t: float, ignore_index: int) 
     N, V = x.shape
     dx = torch.empty((N, V), dtype=x.dtype, device=x.device)  # a new tensor: never write into the inputs
     if N:
-        block = _block_v(V)
+        meta = _bwd_meta(V, g_logp is not None, g_ent is not None, x.dtype, interpreting())
         _token_logprobs_bwd[(N,)](
             x, x.stride(0), dx, dx.stride(0), t, stats,
             ent if ent is not None else stats,
             g_logp if g_logp is not None else stats,
             g_ent if g_ent is not None else stats,
-            V, inv_t, ignore_index,
-            BLOCK_V=block, WITH_G_LOGP=g_logp is not None, WITH_G_ENT=g_ent is not None,
-            BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-            num_warps=_num_warps(block),
+            V, inv_t, ignore_index, **meta,
         )  # fmt: skip
     return dx
+
+
+def cuda_variants() -> list[Variant]:
+    """Every (dtype, constexprs, num_warps) the launchers above can pick on CUDA: all vocab block sizes, entropy on
+    or off, and the three upstream-gradient cases the backward launches (logp, entropy, both)."""
+    blocks = sorted({_block_v(2**k) for k in range(20)})
+    out = []
+    for dtype in DTYPES:
+        x = PTR[dtype]
+        fwd_types = dict(x_ptr=x, tgt_ptr="*i64", logp_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", inv_t="fp32")
+        bwd_types = dict(fwd_types, dx_ptr=x, g_logp_ptr="*fp32", g_ent_ptr="*fp32")
+        for V in blocks:
+            out += [Variant(_token_logprobs_fwd, fwd_types, _fwd_meta(V, e)) for e in (False, True)]
+            for gl, ge in ((True, False), (False, True), (True, True)):
+                out.append(Variant(_token_logprobs_bwd, bwd_types, _bwd_meta(V, gl, ge, dtype, interp=False)))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- autograd
@@ -220,9 +237,8 @@ def token_logprobs_triton(
     """log softmax(logits / T)[targets]: logits (N, V) unit last stride, targets (N,) int64 -> fp32 (N,).
 
     Returns (logp, entropy) with entropy fp32 (N,) or None; differentiable w.r.t. logits (also via entropy).
+    Preconditions (checked by kernels.ops): targets in [0, V) or ignore_index, temperature > 0.
     """
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be (N, V) with unit last stride; got shape {tuple(logits.shape)}")
     targets = targets.contiguous().long()
     logp, ent = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index), bool(return_entropy))
     return logp, ent

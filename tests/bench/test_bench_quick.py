@@ -1,4 +1,5 @@
-"""Smoke test of the kernel benchmark: `python bench/kernel_ops.py --quick` runs and writes rows with timings."""
+"""Smoke tests of the kernel benchmarks: `bench/kernel_ops.py --quick` and `scripts/gpu_check.sh --dry-run` run and
+write rows with timings (the dry run: every implementation, peers that cannot run here as "skipped: ..." rows)."""
 
 import csv
 import os
@@ -10,23 +11,45 @@ import pytest
 from kernels import cpp_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import kernel_peers  # noqa: E402
+
+needs_cpp = pytest.mark.skipif(not cpp_ops.available(), reason=f"C++ ops not built: {cpp_ops.load_error()}")
 
 
-@pytest.mark.skipif(not cpp_ops.available(), reason=f"C++ ops not built: {cpp_ops.load_error()}")
+@needs_cpp
 def test_kernel_bench_quick(tmp_path):
     out = tmp_path / "kernel_ops.csv"
-    p = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernel_ops.py"), "--quick", "--csv", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "kernel_ops.py"), "--quick", "--impls", "ours,eager,compile,trl",
+           "--csv", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "# targets" in p.stdout
     rows = list(csv.DictReader(out.open()))
     assert {(r["op"], r["impl"], r["mode"]) for r in rows} >= {
-        ("token", "cpp", "fwd"), ("token", "eager", "fwdbwd"), ("token", "trl", "fwd"), ("linear", "cpp", "fwdbwd")
+        ("token", "ours", "fwd"), ("token", "eager", "fwdbwd"), ("token", "trl", "fwd"), ("linear", "ours", "fwdbwd")
     }  # fmt: skip
     # The linear cases run with a trainable head and with a frozen one (only hidden needs a gradient).
     assert {r["grads"] for r in rows if r["op"] == "linear"} == {"hidden+weight", "hidden"}
     timed = [r for r in rows if r["ms"]]
-    assert timed and all(float(r["ms"]) > 0 for r in timed)
-    assert all(r["cpu"] and r["torch"] and r["git_sha"] for r in rows)
+    assert timed and all(float(r["ms"]) > 0 and r["err"] != "" for r in timed)
+    assert all(r["cpu"] and r["torch"] and r["git_sha"] and r["backend"] == "cpp" for r in rows)
+
+
+@needs_cpp
+def test_gpu_check_dry_run(tmp_path):
+    env = dict(os.environ, GVU_GPU_CHECK_OUT=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)  # the script's own pytest step sets it through tests/conftest.py
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"], capture_output=True,
+                       text=True, timeout=900, env=env, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    tail = p.stdout.strip().splitlines()
+    summary = tail[tail.index(next(x for x in tail if x.startswith("# gpu_check summary"))) :]
+    assert len(summary) >= 5 and all(" ok " in line for line in summary[1:-1]), summary
+    rows = list(csv.DictReader((tmp_path / "kernel_ops_dry.csv").open()))
+    impls = {r["impl"] for r in rows}
+    assert impls == set(kernel_peers.TOKEN_IMPLS) | set(kernel_peers.LINEAR_IMPLS)
+    for r in rows:  # every peer either timed after its verification, or a row saying why not
+        assert (r["ms"] and r["err"]) or r["note"].startswith("skipped:"), r  # a failed check fails here
+    assert any(r["impl"] == "liger_flce" and r["note"].startswith("skipped:") for r in rows)
+    assert list(tmp_path.glob("triton_resources.csv")) and list(tmp_path.glob("gpu_check_*.log"))

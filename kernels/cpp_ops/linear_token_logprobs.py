@@ -1,0 +1,137 @@
+"""C++ linear_token_logprobs (kernels/csrc/linear_token_logprobs.cpp): fake kernels, autograd, backend function.
+
+Two forwards: `linear_token_logprobs` (saves hidden and weight; the backward recomputes logits a V-block at a
+time) and `linear_token_logprobs_frozen` for a frozen head (hidden needs a gradient, weight and bias do not),
+which also returns cen = E - W[t] and ent_dir = F + H E (N, D), E = sum_j p_j W_j, F = sum_j p_j log p_j W_j,
+so its backward is O(N x D) with no recompute. Which one runs follows from requires_grad alone (see
+`linear_token_logprobs_cpp`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.cpp_ops._lib import require
+
+_OP = "gvu_kernels::linear_token_logprobs"
+
+
+def register() -> None:
+    """Fake kernels and autograd for the schemas of linear_token_logprobs.cpp (called once, by _lib)."""
+
+    @torch.library.register_fake(_OP)
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
+        n = hidden.shape[0]
+        out = hidden.new_empty((n,), dtype=torch.float32)
+        return out, torch.empty_like(out), hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
+
+    @torch.library.register_fake(_OP + "_frozen")
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
+        n, d = hidden.shape
+        out = hidden.new_empty((n,), dtype=torch.float32)
+        ent = hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
+        cen = weight.new_empty((n, d))
+        ent_dir = weight.new_empty((n, d) if return_entropy else (0, 0))
+        return out, torch.empty_like(out), ent, cen, ent_dir
+
+    @torch.library.register_fake(_OP + "_backward")
+    def _(grad_logp, grad_lse, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature,
+          ignore_index, chunk_size, output_mask):  # fmt: skip
+        gh = hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty((0,))
+        gw = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
+        gb = bias.new_empty(bias.shape) if (output_mask[2] and bias is not None) else weight.new_empty((0,))
+        return gh, gw, gb
+
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup)
+    torch.library.register_autograd(_OP + "_frozen", _frozen_backward, setup_context=_frozen_setup)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, ignore_index, _, chunk_size = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
+    ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_logp, g_lse, g_ent):
+    hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+    g_ent = g_ent if ent.numel() else None
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(need[3]) and bias is not None]
+    if not any(mask):
+        return (None,) * 8
+    _check_saved_weight(weight, hidden.shape[1])
+    gh, gw, gb = torch.ops.gvu_kernels.linear_token_logprobs_backward(
+        g_logp, g_lse, g_ent, hidden, weight, targets, bias, lse, ent,
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
+    )  # fmt: skip
+    return (gh if mask[0] else None, gw if mask[1] else None, None, gb if mask[2] else None) + (None,) * 4
+
+
+def _frozen_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, ignore_index, _, _ = inputs
+    _, _, ent, cen, ent_dir = output
+    # hidden itself is not needed: dH depends on it only through cen / ent_dir. The weight is read only for
+    # an lse gradient (E = cen + W[t]); logp and entropy gradients never touch it.
+    ctx.save_for_backward(weight, targets, ent, cen, ent_dir)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.hidden_dtype, ctx.hidden_shape = hidden.dtype, hidden.shape
+    ctx.mark_non_differentiable(cen, ent_dir)  # backward state, not results: no gradient flows through them
+    ctx.set_materialize_grads(False)
+
+
+def _frozen_backward(ctx, g_logp, g_lse, g_ent, _g_cen, _g_ent_dir):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 8
+    weight, targets, ent, cen, ent_dir = ctx.saved_tensors
+    g_ent = g_ent if ent.numel() else None
+    keep = (targets != ctx.ignore_index)[:, None]
+    # dH = (g_logp (W[t] - E) + g_lse E - g_ent (F + H E)) / T, in fp32; cen / ent_dir are 0 on ignored rows.
+    dh = torch.zeros(ctx.hidden_shape, dtype=torch.float32, device=cen.device)
+    if g_logp is not None:
+        dh.sub_(g_logp.float()[:, None] * cen)
+    if g_ent is not None:
+        dh.sub_(g_ent.float()[:, None] * ent_dir)
+    if g_lse is not None:
+        _check_saved_weight(weight, ctx.hidden_shape[1])
+        w_t = weight.index_select(0, torch.where(keep[:, 0], targets, 0).long())
+        dh.add_(torch.where(keep, g_lse.float()[:, None], 0.0) * (cen.float() + w_t))
+    dh.mul_(1.0 / ctx.temperature)
+    return (dh.to(ctx.hidden_dtype),) + (None,) * 7
+
+
+def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
+    # ZeRO-3 frees a gathered parameter's storage (param.data = empty(0)) when its GatheredParameters block
+    # exits; a weight saved for backward then arrives here with 0 elements. Say so instead of a shape error.
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise RuntimeError(
+            f"gvu_kernels.linear_token_logprobs backward: the weight saved in forward now has shape "
+            f"{tuple(weight.shape)}, not (V, {d}); its storage was released after the forward (ZeRO-3 frees "
+            "gathered parameters): keep a copy alive for backward (gvu.models.saveable)"
+        )
+
+
+def frozen_head(hidden, weight, bias) -> bool:
+    """The frozen-head forward applies: grad mode on, hidden requires grad, weight and bias do not."""
+    if not torch.is_grad_enabled() or not hidden.requires_grad:
+        return False
+    return not weight.requires_grad and not (bias is not None and bias.requires_grad)
+
+
+def linear_token_logprobs_cpp(
+    hidden, weight, targets, *, bias, temperature, ignore_index, return_entropy, chunk_size
+):  # fmt: skip
+    """hidden (N, D), weight (V, D), targets (N,) int64, bias (V,)|None -> (logp (N,) fp32, entropy|None).
+
+    chunk_size None picks ~64 MiB of fp32 logits per chunk (16..256 rows); see linear_token_logprobs.cpp.
+    A frozen head (`frozen_head`: the LoRA/GvU case) takes linear_token_logprobs_frozen, whose backward needs
+    no logits recompute; otherwise the recompute backward. Preconditions (checked by kernels.ops): CPU tensors,
+    targets in [0, V) or ignore_index, bias (V,), temperature > 0.
+    """
+    require()
+    ops = torch.ops.gvu_kernels
+    op = ops.linear_token_logprobs_frozen if frozen_head(hidden, weight, bias) else ops.linear_token_logprobs
+    out = op(hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
+             int(chunk_size or 0))  # fmt: skip
+    return out[0], (out[2] if return_entropy else None)

@@ -1,0 +1,13 @@
+// The gvu_kernels library itself and its introspection helper. Each op's schemas and CPU kernels are registered
+// next to the kernels, in kernels/csrc/<op>.cpp (TORCH_LIBRARY_FRAGMENT); fake kernels and autograd in
+// kernels/cpp_ops/<op>.py.
+#include <torch/library.h>
+
+#include <string>
+
+#include "row_kernels.h"
+
+TORCH_LIBRARY(gvu_kernels, m) {
+  // The ISA level row_kernels.cpp picked at load time: used by tests and the benchmark's machine info.
+  m.def("simd_level() -> str", []() { return std::string(gvu::simd_level()); });
+}
