@@ -194,12 +194,16 @@ def small_run(ckpt, out, steps: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def trainer_command(args: list[str], ranks: int = 1, port: int = 29531) -> list[str]:
+def trainer_command(args: list[str], ranks: int = 1) -> list[str]:
+    import socket
     import sys
 
     train = str(REPO / "gvu" / "train.py")
     if ranks == 1:
         return [sys.executable, train, *args]
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous (another job may hold 29500)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
             train, *args]  # fmt: skip
 

@@ -7,6 +7,7 @@ result: held-out generation up >= 50% relative with understanding not worse.
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,10 @@ def launch(args, cwd, num_gpus=1, timeout=1800):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), str(REPO / "gvu" / "train.py"), *args]
+    with socket.socket() as sock:  # a free port: 29500 may be taken by another job on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "gvu" / "train.py"), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
