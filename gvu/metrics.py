@@ -114,15 +114,15 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        if resume_step and self.path.exists():
-            # lines written after the checkpoint we resume from belong to a run that will be redone
+        if self.path.exists():
+            # lines written after the checkpoint we resume from (all of them on a fresh start) will be redone
             keep = [
                 ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
             ]
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

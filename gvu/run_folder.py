@@ -86,10 +86,10 @@ def check_resume_config(cfg: Config, run_dir: Path) -> list[tuple[str, object, o
 
 
 def record_config(cfg: Config, run_dir: Path, changes: list, step: int) -> Path | None:
-    """Write config.yaml on a fresh start; on a resume with changes, config.resume-step<N>.yaml beside it (the
-    original is never overwritten). Returns the path written, if any."""
+    """Write config.yaml on a fresh start (step 0: no checkpoint depends on an older one); on a resume with changes,
+    config.resume-step<N>.yaml beside it (the original is never overwritten). Returns the path written, if any."""
     first = run_dir / "config.yaml"
-    if not first.exists():
+    if step == 0 or not first.exists():
         cfg.save(first)
         return first
     if not changes:
