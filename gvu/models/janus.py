@@ -89,9 +89,7 @@ class JanusUMM:
         def tid(tok: str) -> int:
             i = tokenizer.convert_tokens_to_ids(tok)
             if i is None or i == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"the tokenizer has no {tok!r} token: not a Janus-Pro tokenizer (see README, Janus-Pro)"
-                )
+                raise ValueError(f"the tokenizer has no {tok!r} token: not a Janus-Pro tokenizer (README, Janus-Pro)")
             return i
 
         gk = getattr(generation_config, "generation_kwargs", None) or {}
@@ -118,10 +116,8 @@ class JanusUMM:
     @staticmethod
     def _shape(config):
         v, q = config.vision_config, config.vq_config
-        return shape_of_llama(
-            config.text_config, codes=q.num_embeddings, head_width=q.projection_dim, image_tokens=q.num_patches**2,
-            understanding_tokens=(v.image_size // v.patch_size) ** 2,
-        )  # fmt: skip
+        return shape_of_llama(config.text_config, codes=q.num_embeddings, head_width=q.projection_dim,
+                              image_tokens=q.num_patches**2, understanding_tokens=(v.image_size // v.patch_size) ** 2)  # fmt: skip
 
     @classmethod
     def memory_shape(cls, cfg):
