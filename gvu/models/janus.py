@@ -115,9 +115,10 @@ class JanusUMM:
 
     @staticmethod
     def _shape(config):
-        v, q = config.vision_config, config.vq_config
-        return shape_of_llama(config.text_config, codes=q.num_embeddings, head_width=q.projection_dim,
-                              image_tokens=q.num_patches**2, understanding_tokens=(v.image_size // v.patch_size) ** 2)  # fmt: skip
+        v, q, t = config.vision_config, config.vq_config, config.text_config
+        und = (v.image_size // v.patch_size) ** 2  # SigLIP's patches: the understanding turn's image tokens
+        return shape_of_llama(t, codes=q.num_embeddings, head_width=q.projection_dim, image_tokens=q.num_patches**2,
+                              understanding_tokens=und)  # fmt: skip
 
     @classmethod
     def memory_shape(cls, cfg):
