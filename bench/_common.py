@@ -213,13 +213,9 @@ def janus_shapes(adapter, model) -> str:
 
 def mem_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 if unknown): lets a bench skip cases that would not fit next to others."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from gvu.models.rows import mem_available
+
+    return mem_available(default=0)
 
 
 def _status_kb(key: str) -> int:

@@ -125,15 +125,15 @@ def automatic_budget(device: torch.device) -> tuple[int, str]:
     return int(CPU_FRACTION * avail), f"auto: {CPU_FRACTION} x {avail / GIB:.1f} GiB MemAvailable"
 
 
-def mem_available() -> int:
-    """MemAvailable of /proc/meminfo in bytes (elsewhere: 8 GiB, a stated guess)."""
+def mem_available(default: int = 8 * GIB) -> int:
+    """MemAvailable of /proc/meminfo in bytes (`default` where there is none; 8 GiB, a stated guess)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * GIB
+    return default
 
 
 def config_problems(shape: MemoryShape, budget_gb: float, dtype_bytes: int, cfg_rows: int, **score_kw) -> list[str]:
