@@ -65,8 +65,12 @@ def memory_problems(cfg: Config, backend) -> list[str]:
 
     from gvu.models.rows import config_problems
 
+    try:
+        shape = backend.memory_shape(m)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"model.memory_budget_gb needs the sizes in {m.path}/config.json, which could not be read: {e}"]
     return config_problems(
-        backend.memory_shape(m), m.memory_budget_gb, getattr(torch, m.dtype).itemsize,
+        shape, m.memory_budget_gb, getattr(torch, m.dtype).itemsize,
         2 if cfg.sampling.cfg_scale > 1 else 1, checkpointing=m.gradient_checkpointing,
         attn_probs=m.attn_implementation == "eager",
     )  # fmt: skip

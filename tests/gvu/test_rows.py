@@ -76,3 +76,14 @@ def test_config_check_refuses_a_budget_too_small_for_one_row_before_loading(tmp_
         validate.check(load_config(None, [*base, "--model.memory_budget_gb=1e-6"]))
     validate.check(load_config(None, [*base, "--model.memory_budget_gb=1"]))
     validate.check(load_config(None, [*base, "--model.memory_budget_gb=1e-6", "--model.max_rows=4"]))  # max_rows wins
+
+
+def test_config_check_says_when_the_budget_cannot_be_checked(tmp_path):
+    from gvu import validate
+    from gvu.testing import tiny_toy_checkpoint
+
+    ckpt = tiny_toy_checkpoint(tmp_path / "toy")
+    (tmp_path / "toy" / "config.json").unlink()  # a folder the toy check accepts (tokenizer.json) without sizes
+    cfg = load_config(None, [f"--model.path={ckpt}", "--model.memory_budget_gb=1", "--train.eval_before=false"])
+    with pytest.raises(ConfigError, match=r"model.memory_budget_gb needs the sizes in .*config.json"):
+        validate.check(cfg)
