@@ -34,7 +34,7 @@ from gvu.config import ConfigError
 from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
 from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
-from gvu.models.rows import RowPlanner, shape_of_llama
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
@@ -124,7 +124,7 @@ class JanusUMM:
     def memory_shape(cls, cfg):
         from transformers import JanusConfig
 
-        return cls._shape(JanusConfig.from_pretrained(local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B")))
+        return cls._shape(read_config(JanusConfig, local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B")))
 
     max_rows = property(lambda self: self.rows.max_rows, lambda self, k: setattr(self.rows, "max_rows", k))
 

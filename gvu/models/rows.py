@@ -205,6 +205,15 @@ class RowPlanner:
         return max(1, min(n, plan.rows // per))
 
 
+def read_config(config_class, folder):
+    """`config_class` from folder/config.json; FileNotFoundError without one (from_pretrained would fall back to the
+    class defaults, e.g. a 7B Llama, silently)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing")
+    return config_class.from_json_file(str(path))
+
+
 def shape_of_llama(config, **sizes) -> MemoryShape:
     """MemoryShape of a Llama / Qwen2-like text config (head_dim defaults to hidden / heads) and the layout sizes
     (codes, head_width, image_tokens, understanding_tokens)."""
@@ -218,5 +227,5 @@ def shape_of_llama(config, **sizes) -> MemoryShape:
 
 __all__ = [
     "MemoryShape", "RowPlan", "RowPlanner", "row_bytes", "plan_rows", "too_small", "automatic_budget",
-    "config_problems", "shape_of_llama",
+    "config_problems", "read_config", "shape_of_llama",
 ]  # fmt: skip

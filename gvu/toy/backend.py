@@ -35,7 +35,7 @@ from gvu.models.base import (
     scored_mask,
     understanding_rows,
 )
-from gvu.models.rows import RowPlanner, shape_of_llama
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
@@ -81,7 +81,7 @@ class ToyUMM:
     def memory_shape(cls, cfg):
         from transformers import LlamaConfig
 
-        return cls._shape(LlamaConfig.from_pretrained(str(resolve_path(cfg.path))))
+        return cls._shape(read_config(LlamaConfig, resolve_path(cfg.path)))
 
     # ---------------------------------------------------------------------------------------- building
 

@@ -41,7 +41,7 @@ from gvu.models.base import (
     scored_mask,
     understanding_rows,
 )
-from gvu.models.rows import RowPlanner, shape_of_llama
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
@@ -129,7 +129,7 @@ class XOmniUMM:
         from gvu.models.xomni.configuration import XOmniConfig
 
         path = str(resolve_path(cfg.path))
-        return cls._shape(XOmniConfig.from_pretrained(path), read_options(path)[0]["image_size"])
+        return cls._shape(read_config(XOmniConfig, path), read_options(path)[0]["image_size"])
 
     # ---------------------------------------------------------------------------------------- building
 
