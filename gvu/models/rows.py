@@ -12,7 +12,7 @@ Per sequence of S tokens, in the model's dtype (b bytes) unless fp32 is said:
               logits, CFG-combined, probabilities)
     score     teacher-forced, no grad: one layer's transient activations over S tokens (+ its S x S attention
               scores in fp32, as the math attention path forms them) and the image head's features
-    score     with grad: every layer's saved activations over S tokens (SAVED_PER_TOKEN below, conservative),
+    score     with grad: every layer's saved activations over S tokens (SAVED_HIDDEN / _INTERMEDIATE: high),
     (grad)    or with gradient checkpointing each layer's input only plus one layer's recomputed activations
 Budget: `model.memory_budget_gb`, or 0 = automatic: CUDA_FRACTION x the device's free memory (with the caching
 allocator's reserved-but-unused blocks) when first planned, i.e. after the model is on its device; on CPU
