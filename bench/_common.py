@@ -173,8 +173,9 @@ def janus_tiny_words() -> list[str]:
     return sorted({w for m in WP.make_prompt_sets(0)[0] for w in m["prompt"].split()})
 
 
-def load_janus(seed: int = JANUS_TINY_SEED):
-    """(JanusUMM adapter, eval-mode JanusForConditionalGeneration, source label) for a tiny random Janus.
+def load_janus(seed: int = JANUS_TINY_SEED, real_layout: bool = False):
+    """(JanusUMM adapter, eval-mode JanusForConditionalGeneration, source label) for a tiny random Janus;
+    `real_layout`: Janus-Pro's image layout with a small body (gvu.testing.real_layout_janus_config).
 
     Built offline the way tests/gvu/test_janus.py does it: gvu.testing.make_tiny_janus writes a random
     checkpoint (tiny_janus_config: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px, VQ with 64 codes on a 4x4 grid)
@@ -189,13 +190,13 @@ def load_janus(seed: int = JANUS_TINY_SEED):
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in bench output
     with tempfile.TemporaryDirectory(prefix="gvu_bench_janus_") as tmp:
-        path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed)
+        path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed, real_layout=real_layout)
         adapter, model = JanusUMM.from_pretrained(path)
         # weights may be memory-mapped from the folder about to be deleted: materialise them first
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.clone()
     model.eval()
-    return adapter, model, f"janus_tiny-random(seed={seed})"
+    return adapter, model, f"janus_{'real_layout' if real_layout else 'tiny'}-random(seed={seed})"
 
 
 def janus_shapes(adapter, model) -> str:
@@ -212,13 +213,9 @@ def janus_shapes(adapter, model) -> str:
 
 def mem_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 if unknown): lets a bench skip cases that would not fit next to others."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from gvu.models.rows import mem_available
+
+    return mem_available(default=0)
 
 
 def _status_kb(key: str) -> int:

@@ -3,6 +3,7 @@
     python bench/reward.py                  # every model (--model toy|janus|xomni|all): 8, 64, 256 images; the
                                             # official loop on 8 of them; 5 repeats
     python bench/reward.py --quick          # 4 images per model, 1 repeat (the smoke test)
+    python bench/reward.py --shapes real    # Janus-Pro's layout, small body (576 understanding tokens at 384 px)
 
 R(I, T) = exp(mean_j log p(T_j | [bos][boi] image [eoi][describe], T_<j)) for every (image, prompt) pair.
 - ours: `intrinsic_reward`, one batched teacher-forced pass, lm_head only at prompt positions
@@ -80,7 +81,7 @@ def make_batch(adapter, n: int, seed: int = 0):
 def bench_model(name: str, args, info: dict) -> list[dict]:
     """Equality of the three rewards, then interleaved timings, at every batch size for one model -> CSV rows."""
     eager_fn, official_fn = eager_full_reward, official_reward
-    adapter, model, src = MODELS[name]()
+    adapter, model, src = C.load_janus(real_layout=True) if args.shapes == "real" else MODELS[name]()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         images, prompts = make_batch(adapter, n)
@@ -123,6 +124,7 @@ def bench_model(name: str, args, info: dict) -> list[dict]:
                     "max_rel_diff_vs_ours": max_rel,
                     "repeats": args.repeats,
                     "quick": args.quick,
+                    "shapes": args.shapes,
                 }
             )
     shapes = C.janus_shapes(adapter, model) if name == "janus" else f"{adapter.image_len} codes/image"
@@ -140,7 +142,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4 images, official on 2, 1 repeat: the smoke test")
     p.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which UMM(s) to measure")
-    p.add_argument("--sizes", default="8,64,256", help="comma list of images per batch")
+    p.add_argument("--sizes", default=None, help="comma list of images per batch (default 8,64,256; real: 8,32)")
+    p.add_argument("--shapes", choices=["tiny", "real"], default="tiny", help="real: Janus only, Janus-Pro's layout")
     p.add_argument("--official-images", type=int, default=8, help="images the official loop scores (per-image rate)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per implementation before timing")
@@ -154,9 +157,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.sizes, args.official_images, args.repeats, args.warmup = "4", 2, 1, 0
 
+    args.sizes = args.sizes or ("8,32" if args.shapes == "real" else "8,64,256")
     info = C.machine_info()
     rows = []
-    for name in tuple(MODELS) if args.model == "all" else (args.model,):
+    for name in ("janus",) if args.shapes == "real" else tuple(MODELS) if args.model == "all" else (args.model,):
         rows += bench_model(name, args, info)
     path = C.append_csv("reward", rows, args.out)
     worst = max(r["max_rel_diff_vs_ours"] for r in rows)

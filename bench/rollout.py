@@ -2,6 +2,8 @@
 
     python bench/rollout.py                 # every model (--model toy|janus|xomni|all), 5 repeats
     python bench/rollout.py --quick         # one 2x2 batch per model, 1 repeat (the smoke test)
+    python bench/rollout.py --shapes real   # Janus-Pro's layout, small body: ours vs HF generate as shipped and
+                                            # HF generate with a static cache + compiled forward, B {1,4,16} x G {8,16}
 
 toy (B prompts x G samples in 1x8 4x8 16x8 16x16): both sample the same images from the same model and prefixes:
 ours feeds a row's last code and its forced <eor> in one forward (36 forwards per image) and computes only the
@@ -13,8 +15,14 @@ prompt repeated G times for both; sampling is plain temperature 1 (HF: top_k=0, 
 xomni (the tiny X-Omni fixture, _common.load_xomni; 8 x 8 codes): XOmniUMM.generate (CFG 3, both branches in one
 batch) vs XOmniForCausalLM.generate in image mode with transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor
 (the released path: a second model call per step on the negative prompt), min-p 0.03 as the released rollout.
-Greedy outputs must be identical (asserted). Baseline and ours run interleaved in the same process; ratios are
-HF seconds / our seconds.
+--shapes real (Janus only; _common.load_janus(real_layout=True): 576 codes of 16384, 384 px, the chat format, a
+Llama d=256 x 2 body): baselines (a) `generate(generation_mode="image", guidance_scale=5)` as shipped (it already
+builds a static cache) and (b) the same with cache_implementation="static" and `torch.compile` of the language
+model's forward (the one the image loop calls), compile time excluded (the parity run compiles); a row says
+"skipped: <reason>" when (b) does not run. `outside_share`: the share of a rollout's wall time spent outside the
+model's modules (body, generation head, embeddings, aligner), from forward hooks in one extra untimed run.
+Greedy outputs must be identical (asserted; for (b) recorded). Baseline and ours run interleaved in the same
+process; ratios are HF seconds / our seconds.
 """
 
 from __future__ import annotations
@@ -103,6 +111,59 @@ def janus_hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, s
             guidance_scale=JANUS_CFG,
             **kw,
         )
+
+
+_COMPILED: dict = {}  # id(language model) -> its compiled forward, built once (the compile is excluded from timing)
+
+
+def janus_hf_compiled_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0):
+    """janus_hf_generate with cache_implementation="static" and the language model's forward compiled; the compiled
+    forward is set on the instance for this call only, so our loop never runs it."""
+    lm = model.model.language_model
+    if id(lm) not in _COMPILED:
+        _COMPILED[id(lm)] = torch.compile(lm.forward)
+    lm.forward = _COMPILED[id(lm)]
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            return model.generate(
+                prompts.gen_ids.repeat_interleave(num_samples, 0),
+                attention_mask=prompts.gen_mask.long().repeat_interleave(num_samples, 0),
+                generation_mode="image", guidance_scale=JANUS_CFG, cache_implementation="static", **kw,
+            )  # fmt: skip
+    finally:
+        del lm.forward  # back to the class's forward
+
+
+def outside_share(model, modules, fn) -> float:
+    """1 - (wall time inside `modules`' forwards) / (wall time of fn()), nested calls counted once."""
+    inside, depth, t0 = [0.0], [0], [0.0]
+
+    def pre(*_):
+        if depth[0] == 0:
+            t0[0] = time.perf_counter()
+        depth[0] += 1
+
+    def post(*_):
+        depth[0] -= 1
+        if depth[0] == 0:
+            inside[0] += time.perf_counter() - t0[0]
+
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        start = time.perf_counter()
+        fn()
+        total = time.perf_counter() - start
+    finally:
+        for h in hooks:
+            h.remove()
+    return 1.0 - inside[0] / total
+
+
+def janus_modules(model) -> list:
+    m = model.model
+    return [m.language_model, m.generation_head, m.generation_embeddings, m.generation_aligner]
 
 
 def janus_ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:
@@ -223,11 +284,65 @@ def bench_model(name: str, args, info: dict) -> list[dict]:
     return rows
 
 
+def bench_real(args, info: dict) -> list[dict]:
+    """--shapes real: Janus-Pro's layout; ours vs (a) HF generate as shipped vs (b) static cache + compiled forward."""
+    adapter, model, src = C.load_janus(real_layout=True)
+    prompts_all = [m["prompt"] for m in WP.make_prompt_sets(0)[0]]
+    impls = {
+        "ours": janus_ours_generate,
+        "hf_generate": janus_hf_generate,
+        "hf_static_compiled": janus_hf_compiled_generate,
+    }
+    rows = []
+    for spec in (args.configs or "1x8,1x16,4x8,4x16,16x8,16x16").split(","):
+        B, G = (int(x) for x in spec.lower().split("x"))
+        prompts, N, skipped = adapter.tokenize_prompts(prompts_all[:B]), B * G, {}
+        ours = janus_ours_generate(adapter, model, prompts, G, greedy=True)
+        hf = janus_hf_generate(adapter, model, prompts, G, greedy=True)
+        assert torch.equal(ours, hf), f"janus real: greedy tokens differ at B={B} G={G}: {(ours != hf).sum().item()}"
+        equal = {"ours": True, "hf_generate": True}
+        try:
+            t0 = time.perf_counter()
+            equal["hf_static_compiled"] = torch.equal(
+                ours, janus_hf_compiled_generate(adapter, model, prompts, G, True)
+            )
+            print(f"compiled baseline: first (compiling) run {time.perf_counter() - t0:.1f} s")
+        except Exception as e:  # noqa: BLE001 -- any failure of torch.compile on this machine is reported, not hidden
+            skipped["hf_static_compiled"] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        run_fns = {
+            k: (lambda f=f, p=prompts, g=G: f(adapter, model, p, g, greedy=False))
+            for k, f in impls.items()
+            if k not in skipped
+        }
+        t = C.time_interleaved(run_fns, warmup=args.warmup, repeats=args.repeats)
+        share = {k: outside_share(model, janus_modules(model), run_fns[k]) for k in ("ours", "hf_generate")}
+        load = C.load_average()
+        for impl in impls:
+            sec = t.get(impl, float("nan"))
+            rows.append({
+                **info, "loadavg": load, "bench": "rollout", "model": src, "B": B, "G": G, "images": N, "impl": impl,
+                "baseline": "hf_generate(image,cfg=5)", "seconds": sec, "images_per_s": N / sec,
+                "code_tokens_per_s": N * adapter.image_len / sec, "speedup_vs_baseline": t["hf_generate"] / sec,
+                "speedup_vs_compiled": t["hf_static_compiled"] / sec if "hf_static_compiled" in t else float("nan"),
+                "outside_share": share.get(impl, float("nan")), "greedy_equal": equal.get(impl, ""),
+                "note": skipped.get(impl, ""), "shapes": "real", "repeats": args.repeats, "quick": args.quick,
+            })  # fmt: skip
+    print(
+        f"rollout janus --shapes real | {info['cpu']} | {info['threads']} threads | torch {info['torch']} | "
+        f"transformers {info['transformers']} | {info['git_sha']} | {C.janus_shapes(adapter, model)} | "
+        f"load {C.load_average()}"
+    )
+    cols = ["B", "G", "impl", "seconds", "images_per_s", "speedup_vs_baseline", "speedup_vs_compiled", "outside_share"]
+    print(C.table(rows, [*cols, "note", "loadavg"]))
+    return rows
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
     p.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which UMM(s) to measure")
     p.add_argument("--configs", default=None, help="comma list of BxG (prompts x samples); default: per model")
+    p.add_argument("--shapes", choices=["tiny", "real"], default="tiny", help="real: Janus-Pro's layout, small body")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
     # the greedy check before each config's timing already runs both paths once, so no extra warmup by default
     p.add_argument("--warmup", type=int, default=0, help="extra untimed runs per implementation before timing")
@@ -242,8 +357,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
         args.configs, args.repeats, args.warmup = "2x2", 1, 0
 
     info = C.machine_info()
-    rows = []
-    for name in tuple(MODELS) if args.model == "all" else (args.model,):
+    rows = bench_real(args, info) if args.shapes == "real" else []
+    for name in () if args.shapes == "real" else tuple(MODELS) if args.model == "all" else (args.model,):
         rows += bench_model(name, args, info)
     path = C.append_csv("rollout", rows, args.out)
     print(f"appended {len(rows)} rows to {path}")

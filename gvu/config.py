@@ -48,13 +48,15 @@ class ModelConfig:
         ("sdpa", "eager", "flash_attention_2"),
     )  # fmt: skip
     gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in backward (less memory)")
-    max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: all at once")
+    max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: planned")
+    memory_budget_gb: float = opt(0.0, "GiB rows per forward are planned in when max_rows is 0 (gvu/models/rows.py)")
     instruction: str = opt(
         "Describe the image in detail.", "janus, xomni: the user text of the reward's understanding turn"
     )
 
     def problems(self) -> list[str]:
-        return ["model.max_rows must be >= 0"] if self.max_rows < 0 else []
+        bad = min(self.max_rows, self.memory_budget_gb) < 0
+        return ["model.max_rows and model.memory_budget_gb must be >= 0 (0: planned / automatic)"] if bad else []
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Test scaffolding: tiny random models of every backend, built offline (tests and benchmarks; not the trainer).
 
 tiny_backend("toy"|"janus", folder) -> (backend, model)   # what tests/gvu/test_backends.py checks
+make_tiny_janus(folder, words, real_layout=True)          # Janus-Pro's image layout, a small body (benchmarks)
 """
 
 from __future__ import annotations
@@ -64,12 +65,40 @@ def tiny_janus_config(vocab_size: int, image_token_id: int, **text_overrides):
     return cfg
 
 
-def make_tiny_janus(path: str, words: list[str], seed: int = 0) -> str:
-    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`."""
+def real_layout_janus_config(vocab_size: int, image_token_id: int, hidden: int = 256, layers: int = 2):
+    """A random JanusConfig with Janus-Pro's layout and a small body: 384 px images as a 24 x 24 grid of 576 codes
+    from 16384 (the VQ's 5 levels, 8-dim codes, at 32 base channels instead of 128), SigLIP d=64 x 1 at 384 / 16
+    (576 understanding tokens), generation head and embeddings at the body's width (Janus-Pro: 2048 = d), and a
+    Llama body d=`hidden` x `layers` (heads of 64, MLP 2.75 d, as Janus-Pro-1B's 2048 / 5632)."""
+    from transformers import JanusConfig, LlamaConfig
+
+    heads = max(1, hidden // 64)
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=int(2.75 * hidden), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=16,
+        projection_dim=hidden, num_image_tokens=576, mlp_ratio=2.0,
+    )  # fmt: skip
+    vq = dict(
+        embed_dim=8, num_embeddings=16384, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2, 2, 4],
+        num_res_blocks=1, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=2,
+    )  # fmt: skip
+    return JanusConfig(
+        text_config=text.to_dict(), vision_config=vision, vq_config=vq, image_token_id=image_token_id,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def make_tiny_janus(path: str, words: list[str], seed: int = 0, real_layout: bool = False) -> str:
+    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`;
+    `real_layout`: Janus-Pro's image layout with a small body (real_layout_janus_config)."""
     from transformers import GenerationConfig, JanusForConditionalGeneration
 
     tok = tiny_janus_tokenizer(words)
-    cfg = tiny_janus_config(len(tok), tok.convert_tokens_to_ids(IMAGE))
+    build = real_layout_janus_config if real_layout else tiny_janus_config
+    cfg = build(len(tok), tok.convert_tokens_to_ids(IMAGE))
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(cfg).eval()
     model.generation_config = GenerationConfig(
@@ -78,7 +107,8 @@ def make_tiny_janus(path: str, words: list[str], seed: int = 0) -> str:
         pad_token_id=tok.pad_token_id,
         generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI)},
     )
-    adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": 32})
+    size = cfg.vision_config.image_size
+    adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": size})
     adapter.save_pretrained(path, model)
     return path
 

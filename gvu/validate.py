@@ -5,9 +5,9 @@
     load_checked(path, overrides, world) -> Config: the YAML + overrides' problems and check's, reported together
 
 It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
-options need), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files (every
-line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks
-(ranges, choices) already ran when the config was loaded (gvu.config.load_config).
+options need, a model.memory_budget_gb too small for one row), the DeepSpeed JSON and its ZeRO stage, the per-rank
+batch arithmetic, the prompt files (every line), the tags, and every prompt's words against a backend with a closed
+vocabulary. Field-level checks (ranges, choices) already ran when the config was loaded (gvu.config.load_config).
 """
 
 from __future__ import annotations
@@ -51,7 +51,29 @@ def backend_problems(cfg: Config) -> list[str]:
         needs.append(Ability.IMAGE_HEAD_UPDATE)
     if cfg.data.prompts == "shapes" and (cfg.train.eval_before or cfg.train.eval_after):
         needs.append(Ability.CAPTION)
-    return out + [msg for msg in (require(backend, a) for a in needs) if msg]
+    out += [msg for msg in (require(backend, a) for a in needs) if msg]
+    return out or memory_problems(cfg, backend)
+
+
+def memory_problems(cfg: Config, backend) -> list[str]:
+    """model.memory_budget_gb too small for one row, from the checkpoint's config.json (an automatic budget, 0, is
+    only known on the device: checked at the first rollout)."""
+    m = cfg.model
+    if m.max_rows or not m.memory_budget_gb:
+        return []
+    import torch
+
+    from gvu.models.rows import config_problems
+
+    try:
+        shape = backend.memory_shape(m)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"model.memory_budget_gb needs the sizes in {m.path}/config.json, which could not be read: {e}"]
+    return config_problems(
+        shape, m.memory_budget_gb, getattr(torch, m.dtype).itemsize,
+        2 if cfg.sampling.cfg_scale > 1 else 1, checkpointing=m.gradient_checkpointing,
+        attn_probs=m.attn_implementation == "eager",
+    )  # fmt: skip
 
 
 def engine_problems(cfg: Config, world: int) -> list[str]:

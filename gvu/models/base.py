@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from gvu.config import ModelConfig
+    from gvu.models.rows import MemoryShape
     from gvu.rollout import SamplingConfig
 
 
@@ -193,6 +194,11 @@ class UMMBackend(Protocol):
         """Problems with prompt texts (empty, words outside a closed vocabulary), found without loading weights."""
 
     @classmethod
+    def memory_shape(cls, cfg: ModelConfig) -> MemoryShape:
+        """The sizes rows per forward are planned from (layers, KV heads, head dim, hidden, codes, image tokens;
+        gvu/models/rows.py), read from the checkpoint's config.json without loading weights."""
+
+    @classmethod
     def load(cls, cfg: ModelConfig) -> tuple[UMMBackend, nn.Module]:
         """(backend, transformers model in eval mode, dtype cfg.dtype) from cfg.path; no download."""
 
@@ -226,7 +232,7 @@ class UMMBackend(Protocol):
 
 
 REQUIRED = ("tokenize_prompts", "generate", "decode", "image_logprobs", "prompt_logprobs", "understanding_inputs")
-REQUIRED_CLASSMETHODS = ("check_config", "check_prompts", "load")
+REQUIRED_CLASSMETHODS = ("check_config", "check_prompts", "memory_shape", "load")
 
 
 def contract_problems(cls: type) -> list[str]:

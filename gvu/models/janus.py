@@ -17,7 +17,7 @@ The CFG logits are linear in the head's last features a = GELU(proj_out(h)), so 
 the (N*L, 2048) features in fp32 and the K code logits are never materialised.
 
 Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine).
-`max_rows` caps the rows (conditional + unconditional) of one forward in rollout and scoring (0: all at once).
+Rows per forward in rollout and scoring: `max_rows` when set, else planned from `memory_budget_gb` (models/rows.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from gvu.config import ConfigError
 from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
 from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
@@ -77,14 +78,10 @@ class JanusUMM:
         instruction: str = INSTRUCTION,
         system_prompt: str = "",
         max_rows: int = 0,
+        memory_budget_gb: float = 0.0,
     ):
-        self.tokenizer, self.config, self.instruction, self.system_prompt = (
-            tokenizer,
-            config,
-            instruction,
-            system_prompt,
-        )
-        self.max_rows = max_rows
+        self.tokenizer, self.config, self.instruction = tokenizer, config, instruction
+        self.system_prompt = system_prompt
         # a private copy of the VQ model: `decode` takes no model, and under ZeRO-3 the engine's copy is partitioned
         self.pixels = JanusPixels(vq, image_processing)
         self.vq, self.image_size, self.image_processing = self.pixels.vq, self.pixels.image_size, self.pixels.settings
@@ -92,9 +89,7 @@ class JanusUMM:
         def tid(tok: str) -> int:
             i = tokenizer.convert_tokens_to_ids(tok)
             if i is None or i == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"the tokenizer has no {tok!r} token: not a Janus-Pro tokenizer (see README, Janus-Pro)"
-                )
+                raise ValueError(f"the tokenizer has no {tok!r} token: not a Janus-Pro tokenizer (README, Janus-Pro)")
             return i
 
         gk = getattr(generation_config, "generation_kwargs", None) or {}
@@ -116,6 +111,22 @@ class JanusUMM:
         self._und_head = [self.bos] + self._tok(f"{system_prompt}{self.user} ") + [self.boi]
         self._und_tail_text = f"\n{instruction}{self.assistant}"
         self._und_tail = [self.eoi] + self._tok(self._und_tail_text)
+        self.rows = RowPlanner(self._shape(config), max_rows, memory_budget_gb)
+
+    @staticmethod
+    def _shape(config):
+        v, q, t = config.vision_config, config.vq_config, config.text_config
+        und = (v.image_size // v.patch_size) ** 2  # SigLIP's patches: the understanding turn's image tokens
+        return shape_of_llama(t, codes=q.num_embeddings, head_width=q.projection_dim, image_tokens=q.num_patches**2,
+                              understanding_tokens=und)  # fmt: skip
+
+    @classmethod
+    def memory_shape(cls, cfg):
+        from transformers import JanusConfig
+
+        return cls._shape(read_config(JanusConfig, local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B")))
+
+    max_rows = property(lambda self: self.rows.max_rows, lambda self, k: setattr(self.rows, "max_rows", k))
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -143,6 +154,7 @@ class JanusUMM:
             dtype=getattr(torch, cfg.dtype),
             attn_implementation=attn_implementation(cfg.attn_implementation),
             max_rows=cfg.max_rows,
+            memory_budget_gb=cfg.memory_budget_gb,
             instruction=cfg.instruction,
         )
 
@@ -199,15 +211,9 @@ class JanusUMM:
         batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
         return batch.to(device) if device is not None else batch
 
-    def _chunk(self, n: int, cfg: bool) -> int:
-        """Rows per forward so that conditional (+ unconditional) rows stay within max_rows."""
-        if not self.max_rows:
-            return max(n, 1)
-        return max(1, self.max_rows // (2 if cfg else 1))
-
     def decode(self, image_tokens: torch.Tensor) -> np.ndarray:
-        """Codes (N, L) -> uint8 pixels (N, H, W, 3) through the VQ decoder, max_rows images at a time."""
-        return self.pixels.decode(image_tokens, self._chunk(len(image_tokens), False))
+        """Codes (N, L) -> uint8 pixels (N, H, W, 3) through the VQ decoder, max_rows images at a time (0: all)."""
+        return self.pixels.decode(image_tokens, self.max_rows or max(len(image_tokens), 1))
 
     def encode(self, pixels) -> torch.Tensor:
         """uint8 pixels (N, H, W, 3) at the VQ resolution -> codes int64 (N, L) (the VQ encoder; not exact)."""
@@ -248,7 +254,8 @@ class JanusUMM:
         n = len(p)
         cfg = sampling.cfg_scale > 1
         out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
-        step = self._chunk(n, cfg)
+        P = p.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", n, cfg, model, P + self.image_len, prefix_len=P)
         for s in range(0, n, step):
             out[s : s + step] = self._generate_rows(
                 model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], sampling, generator
@@ -301,7 +308,7 @@ class JanusUMM:
             raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
         p = prompts.repeat_interleave(n // len(prompts))
         targets = image_tokens.long()
-        step = self._chunk(n, cfg_scale > 1)
+        step = self.rows.chunk("score", n, cfg_scale > 1, model, p.gen_ids.shape[1] + self.image_len)
         parts = [
             self._image_logprobs_rows(
                 model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], targets[s : s + step], temperature, cfg_scale
@@ -349,7 +356,8 @@ class JanusUMM:
         if len(images) != n:
             raise ValueError(f"{len(images)} images but {n} prompts; pass one prompt per image")
         logp = torch.zeros(prompts.ids.shape, dtype=torch.float32, device=prompts.ids.device)
-        step = self._chunk(n, False)
+        S = len(self._und_head) + self.und_len + len(self._und_tail) + prompts.ids.shape[1]
+        step = self.rows.chunk("score", n, False, model, S)
         for s in range(0, n, step):
             logp[s : s + step] = self._prompt_logprobs_rows(model, images[s : s + step], prompts[s : s + step])
         return logp, prompts.mask.clone()

@@ -10,7 +10,8 @@ of lm_head are a view of its weight.
 
 Every method that runs the network takes the module to run first (HF model, PeftModel or DeepSpeed engine);
 `backbone_and_head` gives the decoder body (last hidden states) and the lm_head, which is applied only where
-log-probs are needed, through kernels.linear_token_logprobs. The contract is gvu/models/base.py.
+log-probs are needed, through kernels.linear_token_logprobs. Rows per forward: `model.max_rows`, else planned from
+`model.memory_budget_gb` (gvu/models/rows.py). The contract is gvu/models/base.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gvu.models.base import (
     scored_mask,
     understanding_rows,
 )
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
@@ -67,6 +69,19 @@ class ToyUMM:
         self.word_ids = torch.tensor(sorted(v[w] for w in WORDS))
         # positions of the 36 codes inside the 42-token image layout
         self.code_slots = torch.tensor([r * (self.row + 1) + c for r in range(self.row) for c in range(self.row)])
+        self.rows = RowPlanner(None)  # all rows at once until a model's config gives the sizes (new_model, load)
+
+    @classmethod
+    def _shape(cls, config):
+        n = cls.layout_len
+        return shape_of_llama(config, codes=cls.num_codes, head_width=config.hidden_size, image_tokens=n,
+                              understanding_tokens=n)  # fmt: skip
+
+    @classmethod
+    def memory_shape(cls, cfg):
+        from transformers import LlamaConfig
+
+        return cls._shape(read_config(LlamaConfig, resolve_path(cfg.path)))
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -78,6 +93,7 @@ class ToyUMM:
         adapter = cls()
         torch.manual_seed(seed)
         model = LlamaForCausalLM(default_config(adapter.vocab_size, **config_overrides))
+        adapter.rows = RowPlanner(cls._shape(model.config))
         return adapter, model
 
     @classmethod
@@ -101,6 +117,7 @@ class ToyUMM:
     @classmethod
     def load(cls, cfg):
         adapter, model = cls.from_pretrained(str(resolve_path(cfg.path)))
+        adapter.rows.max_rows, adapter.rows.budget_gb = cfg.max_rows, cfg.memory_budget_gb
         return adapter, model.to(getattr(torch, cfg.dtype))
 
     @classmethod
@@ -113,8 +130,8 @@ class ToyUMM:
             raise FileNotFoundError(f"{path}: {NOT_A_CHECKPOINT}")
         adapter = cls(Tokenizer.from_file(tok_path))
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-        model.eval()
-        return adapter, model
+        adapter.rows = RowPlanner(cls._shape(model.config))
+        return adapter, model.eval()
 
     def save_pretrained(self, path: str, model) -> None:
         """config.json + model.safetensors (HF), tokenizer.json and world.json (layout) into `path`."""
@@ -202,15 +219,19 @@ class ToyUMM:
     def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
         """Sample `num_samples` images per prompt -> codes int64 (B*G, 36); row b*G+g is sample g of prompt b.
 
-        One batched KV-cache loop: prefill the left-padded prefixes, then one forward per code, except that
-        a row's last code and its forced <eor> go in together (36 forwards). Sampling sees only the code
-        logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run in the
+        A batched KV-cache loop per chunk of rows: prefill the left-padded prefixes, then one forward per code,
+        except that a row's last code and its forced <eor> go in together (36 forwards). Sampling sees only the
+        code logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run in the
         same batch and the logits are combined before temperature / top-k / top-p / min-p.
         """
-        body, head = backbone_and_head(model)
         p = prompts.repeat_interleave(num_samples)
-        n = len(p)
-        cfg = sampling.cfg_scale > 1
+        n, P = len(p), p.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", n, sampling.cfg_scale > 1, model, P + self.layout_len, prefix_len=P)
+        return torch.cat([self._generate_rows(model, p[s : s + step], sampling, generator) for s in range(0, n, step)])
+
+    def _generate_rows(self, model, p: PromptBatch, sampling: SamplingConfig, generator) -> torch.Tensor:
+        body, head = backbone_and_head(model)
+        n, cfg = len(p), sampling.cfg_scale > 1
         ids, mask = self._prefix(p)
         if cfg:
             u_ids, u_mask = self._prefix(p, unconditional=True)
@@ -278,10 +299,16 @@ class ToyUMM:
         n = image_tokens.shape[0]
         if n % len(prompts):
             raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
-        p = prompts.repeat_interleave(n // len(prompts))
+        p, targets = prompts.repeat_interleave(n // len(prompts)), image_tokens.long()
+        step = self.rows.chunk("score", n, cfg_scale > 1, model, p.gen_ids.shape[1] + self.layout_len)
+        return torch.cat(
+            [self._image_logprobs_rows(model, p[s : s + step], targets[s : s + step], temperature, cfg_scale)
+             for s in range(0, n, step)]
+        )  # fmt: skip
+
+    def _image_logprobs_rows(self, model, p: PromptBatch, targets, temperature, cfg_scale) -> torch.Tensor:
         _, head = backbone_and_head(model)
-        targets = image_tokens.long()
-        cfg = cfg_scale > 1
+        n, cfg = len(p), cfg_scale > 1
         h = self._image_hidden(model, p, targets, with_uncond=cfg)
         bias = head.bias[self.code_offset : self.code_offset + self.num_codes] if head.bias is not None else None
         with gathered(head.weight):
@@ -316,59 +343,32 @@ class ToyUMM:
         holds log p(<eos> | ..., prompt): how sure the understanding is that the prompt describes the WHOLE image
         (an image with objects the prompt does not name makes the caption go on instead of ending).
         """
-        body, head = backbone_and_head(model)
         dev = prompts.ids.device
         codes = self.encode(images).to(dev)
         if codes.shape[0] != len(prompts):
             raise ValueError(f"{codes.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+        n = len(prompts)
+        step = self.rows.chunk("score", n, False, model, self.layout_len + 5 + prompts.ids.shape[1])
+        logp = torch.cat(
+            [self._prompt_logprobs_rows(model, codes[s : s + step], prompts[s : s + step], with_eos)
+             for s in range(0, n, step)]
+        )  # fmt: skip
+        return logp, scored_mask(prompts, with_eos)
+
+    def _prompt_logprobs_rows(self, model, codes, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+        body, head = backbone_and_head(model)
         a = answer_rows(self._understanding_prefix(codes), prompts, self.pad, self.eos if with_eos else None)
         h = body(input_ids=a.seq).last_hidden_state
         with gathered(head.weight):
             lp = kernels.linear_token_logprobs(h[a.rows, a.pos], head.weight, a.targets, bias=head.bias)
-        return a.scatter(lp), scored_mask(prompts, with_eos)
+        return a.scatter(lp)
 
     def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
         """[bos][boi] image [eoi][describe] prompt, right-padded, for `model(input_ids=...)`."""
         return understanding_rows(self._understanding_prefix(self.encode(images)), prompts, self.pad)
 
-    @torch.no_grad()
     def caption(self, model, images, greedy: bool = True, max_words: int = 16, generator=None) -> list[str]:
-        """Understanding branch writing a prompt for each image: uint8 (N, 96, 96, 3) -> N strings.
+        """Understanding writing a prompt for each image: uint8 (N, 96, 96, 3) -> N strings (gvu/toy/caption.py)."""
+        from gvu.toy.caption import caption
 
-        Decoding is restricted to the words and <eos> (greedy, or sampled at temperature 1).
-        """
-        from transformers import DynamicCache
-
-        body, head = backbone_and_head(model)
-        dev = next(unwrap(model).parameters()).device
-        codes = self.encode(images).to(dev)
-        ids = self._understanding_prefix(codes)
-        n = ids.shape[0]
-        allowed = torch.cat([self.word_ids, torch.tensor([self.eos])]).to(dev)
-        cache = DynamicCache()
-        h = body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        pos = ids.shape[1]
-        out = torch.full((n, max_words), self.eos, dtype=torch.long, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        with gathered(head.weight):
-            w = head.weight[allowed]
-            for t in range(max_words):
-                logits = torch.nn.functional.linear(h, w).float()
-                k = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-                tok = torch.where(done, torch.full_like(k, self.eos), allowed[k])
-                out[:, t] = tok
-                done |= tok == self.eos
-                if bool(done.all()):
-                    break
-                h = body(
-                    input_ids=tok[:, None],
-                    position_ids=torch.full((n, 1), pos, device=dev),
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state[:, -1]
-                pos += 1
-        texts = []
-        for row in out.tolist():
-            words = row[: row.index(self.eos)] if self.eos in row else row
-            texts.append(self.tokenizer.decode(words, skip_special_tokens=True))
-        return texts
+        return caption(self, model, images, greedy, max_words, generator)

@@ -119,3 +119,46 @@ def test_registry_lists_known_backends_and_takes_new_ones():
         from gvu.models import _REGISTRY
 
         _REGISTRY.pop("broken")
+
+
+def test_memory_shape_is_read_from_the_saved_checkpoint(tiny, tmp_path):
+    """memory_shape(cfg.model) reads config.json without weights and gives the sizes the loaded backend plans with."""
+    name, backend, model, _ = tiny
+    backend.save_pretrained(str(tmp_path / "ckpt"), model)
+    cfg = load_config(None, [f"--model.backend={name}", f"--model.path={tmp_path / 'ckpt'}"])
+    shape = backend_class(name).memory_shape(cfg.model)
+    assert shape == backend.rows.shape
+    assert shape.codes == backend.num_codes and shape.image_tokens >= backend.image_len
+    text = model.config.get_text_config()
+    assert (shape.layers, shape.hidden) == (text.num_hidden_layers, text.hidden_size)
+    assert shape.heads % shape.kv_heads == 0 and shape.head_dim * shape.heads >= shape.hidden // 2
+
+
+def test_rows_per_forward_leave_outputs_unchanged_and_the_plan_is_consulted(tiny):
+    """Greedy tokens, image and prompt log-probs: one row per forward == all rows at once (explicit max_rows), and
+    with max_rows=0 a budget too small for one row stops rollout with the config error."""
+    _, backend, model, p = tiny
+    greedy = SamplingConfig(greedy=True, cfg_scale=3.0)
+    rows = p.repeat_interleave(G)
+
+    def outputs():
+        tokens = backend.generate(model, p, G, greedy)
+        with torch.no_grad():
+            lp = backend.image_logprobs(model, p, tokens, cfg_scale=3.0)
+            rw = backend.prompt_logprobs(model, backend.decode(tokens), rows)[0]
+        return tokens, lp, rw
+
+    planner = backend.rows
+    try:
+        planner.max_rows = 0
+        whole = outputs()
+        planner.max_rows = 1  # one conditional + unconditional pair (or one row) per forward
+        one = outputs()
+        planner.max_rows, planner.budget_gb, planner._budget = 0, 1e-9, None
+        with pytest.raises(ConfigError, match="model.memory_budget_gb"):
+            backend.generate(model, p, G, greedy)
+    finally:
+        planner.max_rows, planner.budget_gb, planner._budget = 0, 0.0, None
+    assert torch.equal(whole[0], one[0])
+    torch.testing.assert_close(whole[1], one[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole[2], one[2], rtol=1e-5, atol=1e-5)

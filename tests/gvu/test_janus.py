@@ -287,3 +287,15 @@ def test_decode_then_encode_shapes(tiny):
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     back = adapter.encode(images)
     assert back.shape == codes.shape and int(back.max()) < adapter.num_codes
+
+
+def test_real_layout_config_has_janus_pro_image_layout():
+    """The benchmark's random Janus (bench --shapes real): Janus-Pro's 24 x 24 grid of 16384 codes at 384 px and
+    SigLIP at 384 / 16, so rollout runs 576 steps and understanding reads 576 placeholders; the body is small."""
+    from gvu.testing import real_layout_janus_config
+
+    cfg = real_layout_janus_config(vocab_size=64, image_token_id=3)
+    v, q, t = cfg.vision_config, cfg.vq_config, cfg.text_config
+    assert (q.num_patches**2, q.num_embeddings, v.num_image_tokens) == (576, 16384, 576)
+    assert (v.image_size, v.patch_size, len(q.channel_multiplier)) == (384, 16, 5)  # 384 / 2^4 = 24 latents a side
+    assert (t.hidden_size, t.num_hidden_layers) == (256, 2)

@@ -41,6 +41,7 @@ from gvu.models.base import (
     scored_mask,
     understanding_rows,
 )
+from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
 from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
@@ -67,8 +68,10 @@ class XOmniUMM:
         max_rows=0,
         codec=None,
         reward_path="tokens",
+        memory_budget_gb=0.0,
     ):
-        self.tokenizer, self.config, self.instruction, self.max_rows = tokenizer, config, instruction, max_rows
+        self.tokenizer, self.config, self.instruction = tokenizer, config, instruction
+        self.rows = RowPlanner(self._shape(config, image_size), max_rows, memory_budget_gb)
         self.hw = (image_size // PATCH, image_size // PATCH)
         self.image_len, self.num_codes = self.hw[0] * self.hw[1], config.image_vocab_size
         self.reward_path = reward_path
@@ -112,6 +115,22 @@ class XOmniUMM:
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    max_rows = property(lambda self: self.rows.max_rows, lambda self, k: setattr(self.rows, "max_rows", k))
+
+    @staticmethod
+    def _shape(config, image_size: int):
+        n = (image_size // PATCH) ** 2  # the understanding turn reads the same grid of codes (both reward paths)
+        return shape_of_llama(config, codes=config.image_vocab_size, head_width=config.hidden_size, image_tokens=n,
+                              understanding_tokens=n)  # fmt: skip
+
+    @classmethod
+    def memory_shape(cls, cfg):
+        from gvu.config import resolve_path
+        from gvu.models.xomni.configuration import XOmniConfig
+
+        path = str(resolve_path(cfg.path))
+        return cls._shape(read_config(XOmniConfig, path), read_options(path)[0]["image_size"])
+
     # ---------------------------------------------------------------------------------------- building
 
     @classmethod
@@ -141,6 +160,7 @@ class XOmniUMM:
             dtype=getattr(torch, cfg.dtype),
             attn_implementation=attn_implementation(cfg.attn_implementation),
             max_rows=cfg.max_rows,
+            memory_budget_gb=cfg.memory_budget_gb,
             instruction=cfg.instruction,
         )
 
@@ -202,15 +222,13 @@ class XOmniUMM:
         prompt (docs/xomni.md, "Reward paths")."""
         tokens = torch.as_tensor(image_tokens).long()
         n = tokens.shape[0]
-        step = self._chunk(n, self.reward_path == "pixels")  # the decoder runs 2 rows an image (true CFG)
+        # max_rows images (0: all) at a time; the pixel decoder runs 2 rows an image (true CFG)
+        step = max(1, self.max_rows // (1 + (self.reward_path == "pixels"))) if self.max_rows else max(n, 1)
         parts = [
             self.codec.decode(tokens[s : s + step], None if texts is None else texts[s : s + step])
             for s in range(0, n, step)
         ]
         return np.concatenate(parts)
-
-    def _chunk(self, n: int, cfg: bool) -> int:
-        return max(n, 1) if not self.max_rows else max(1, self.max_rows // (2 if cfg else 1))
 
     def _cfg_rows(self, ids: torch.Tensor, mask: torch.Tensor, cfg: bool):
         """Generation prefixes (n, P) -> (n or 2n, P) ids and long mask; unconditional rows (the image prefix alone,
@@ -235,7 +253,8 @@ class XOmniUMM:
         greedy equals XOmniForCausalLM.generate in image mode (with negative_prompt_ids = the image prefix).
         """
         p = prompts.repeat_interleave(num_samples)
-        n, step = len(p), self._chunk(len(p), sampling.cfg_scale > 1)
+        n, P = len(p), p.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", n, sampling.cfg_scale > 1, model, P + self.image_len, prefix_len=P)
         out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
         for s in range(0, n, step):
             out[s : s + step] = self._generate_rows(
@@ -288,7 +307,8 @@ class XOmniUMM:
         if n % len(prompts):
             raise ValueError(f"image_tokens has {n} rows, not a multiple of the {len(prompts)} prompts")
         p = prompts.repeat_interleave(n // len(prompts))
-        targets, step = image_tokens.long(), self._chunk(n, cfg_scale > 1)
+        targets = image_tokens.long()
+        step = self.rows.chunk("score", n, cfg_scale > 1, model, p.gen_ids.shape[1] + self.image_len)
         return torch.cat(
             [
                 self._image_logprobs_rows(model, p[s : s + step], targets[s : s + step], temperature, cfg_scale)
@@ -340,7 +360,8 @@ class XOmniUMM:
         codes = codes.to(dev)
         if codes.shape[0] != n:
             raise ValueError(f"{codes.shape[0]} images but {n} prompts; pass one prompt per image")
-        step = self._chunk(n, False)
+        head, tail = self._und_parts(hw)
+        step = self.rows.chunk("score", n, False, model, len(head) + codes.shape[1] + len(tail) + prompts.ids.shape[1])
         parts = [
             self._prompt_logprobs_rows(model, codes[s : s + step], hw, prompts[s : s + step], with_eos)
             for s in range(0, n, step)
