@@ -54,8 +54,9 @@ class PromptBatch:
 
     ids / mask: the prompt's own tokens as the understanding turn scores them (the reward's targets),
         left-padded, int64 (B, Lp) / bool (B, Lp) True at real tokens.
-    gen_ids / gen_mask: the whole generation prefix up to the begin-of-image token, left-padded, int64 (B, Pg) /
-        bool (B, Pg): what a plain `model.generate` would be given (benchmarks, parity tests).
+    gen_ids / gen_mask: the whole generation prefix up to the begin-of-image token, int64 (B, Pg) / bool (B, Pg),
+        padded before the prompt's tokens (the toy keeps its bos in column 0) and ending with a real token in every
+        row: what a plain `model.generate` would be given (benchmarks, parity tests).
     """
 
     ids: torch.Tensor

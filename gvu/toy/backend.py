@@ -169,11 +169,15 @@ class ToyUMM:
         return ids
 
     def tokenize_prompts(self, texts: list[str], device=None) -> PromptBatch:
-        """Prompts -> PromptBatch: word ids (B, Lp) and generation prefixes [bos] words [boi] (B, Lp + 2), both
-        left-padded."""
+        """Prompts -> PromptBatch: left-padded word ids (B, Lp) and generation prefixes [bos] (padded words) [boi]
+        (B, Lp + 2)."""
         rows = [self.encode_text(t) for t in texts]
         ids, mask = left_pad(rows, self.pad)
-        gen_ids, gen_mask = left_pad([[self.bos, *r, self.boi] for r in rows], self.pad)
+        # [bos] then the left-padded words then [boi], as the shipped base was pretrained and its recorded runs made
+        # (moving bos after the pads gives the same maths in another float summation order, and another trajectory)
+        n = len(rows)
+        gen_ids = torch.cat([torch.full((n, 1), self.bos), ids, torch.full((n, 1), self.boi)], 1)
+        gen_mask = torch.cat([torch.ones((n, 1), dtype=torch.bool), mask, torch.ones((n, 1), dtype=torch.bool)], 1)
         batch = PromptBatch(ids, mask, list(texts), gen_ids, gen_mask)
         return batch.to(device) if device is not None else batch
 
