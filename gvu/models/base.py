@@ -84,6 +84,19 @@ class PromptBatch:
         return self._map(lambda t: t[rows], [self.texts[i] for i in rows])
 
 
+def load_options(cfg) -> dict:
+    """The model section's options an HF-backed backend's from_pretrained takes (cfg: gvu.config.ModelConfig)."""
+    from gvu.models.wrapping import attn_implementation
+
+    return dict(
+        dtype=getattr(torch, cfg.dtype),
+        attn_implementation=attn_implementation(cfg.attn_implementation),
+        max_rows=cfg.max_rows,
+        memory_budget_gb=cfg.memory_budget_gb,
+        instruction=cfg.instruction,
+    )
+
+
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> left-padded ids int64 (B, L) and mask bool (B, L)."""
     L = max(len(r) for r in rows)

@@ -31,11 +31,11 @@ import torch
 
 import kernels
 from gvu.config import ConfigError
-from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, understanding_rows
+from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, load_options, understanding_rows
 from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
-from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
+from gvu.models.wrapping import gathered, saveable, unwrap
 from gvu.rollout import SamplingConfig, cfg_combine, sample_next
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
@@ -149,14 +149,7 @@ class JanusUMM:
 
     @classmethod
     def load(cls, cfg):
-        return cls.from_pretrained(
-            local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B"),
-            dtype=getattr(torch, cfg.dtype),
-            attn_implementation=attn_implementation(cfg.attn_implementation),
-            max_rows=cfg.max_rows,
-            memory_budget_gb=cfg.memory_budget_gb,
-            instruction=cfg.instruction,
-        )
+        return cls.from_pretrained(local_checkpoint(cfg.path, "deepseek-community/Janus-Pro-1B"), **load_options(cfg))
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa", **kw):

@@ -38,11 +38,12 @@ from gvu.models.base import (
     UnderstandingInputs,
     answer_rows,
     left_pad,
+    load_options,
     scored_mask,
     understanding_rows,
 )
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
-from gvu.models.wrapping import attn_implementation, gathered, saveable, unwrap
+from gvu.models.wrapping import gathered, saveable, unwrap
 from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
 from gvu.models.xomni.options import OPTIONS_FILE, folder_problems, read_options
@@ -155,14 +156,7 @@ class XOmniUMM:
         problems = folder_problems(path)
         if problems:
             raise ConfigError([f"model.path={cfg.path!r}: {p}" for p in problems])
-        return cls.from_pretrained(
-            path,
-            dtype=getattr(torch, cfg.dtype),
-            attn_implementation=attn_implementation(cfg.attn_implementation),
-            max_rows=cfg.max_rows,
-            memory_budget_gb=cfg.memory_budget_gb,
-            instruction=cfg.instruction,
-        )
+        return cls.from_pretrained(path, **load_options(cfg))
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=torch.float32, attn_implementation: str = "sdpa", **kw):
