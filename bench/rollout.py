@@ -193,7 +193,7 @@ def xomni_hf_generate(adapter, model, prompts, num_samples: int, greedy: bool, s
         max_new_tokens=adapter.image_len, pad_token_id=adapter.pad, guidance_scale=XOMNI_CFG,
         suppress_tokens=[adapter.som, adapter.eom, adapter.image], **kw,
     )  # fmt: skip
-    neg = torch.tensor([adapter._uncond]).expand(ids.shape[0], -1)
+    neg = torch.tensor([adapter.uncond_prefix]).expand(ids.shape[0], -1)
     torch.manual_seed(seed)
     model.set_generation_mode("image")
     try:

@@ -56,7 +56,7 @@ def port_generate(backend, model, prompts, G, cfg_scale=1.0):
         max_new_tokens=backend.image_len, do_sample=False, pad_token_id=backend.pad,
         suppress_tokens=[backend.som, backend.eom, backend.image], guidance_scale=cfg_scale,
     )  # fmt: skip
-    neg = torch.tensor([backend._uncond]).expand(ids.shape[0], -1) if cfg_scale > 1 else None
+    neg = torch.tensor([backend.uncond_prefix]).expand(ids.shape[0], -1) if cfg_scale > 1 else None
     model.set_generation_mode("image")
     try:
         out = model.generate(inputs=ids, attention_mask=mask, generation_config=gc, negative_prompt_ids=neg)
@@ -96,9 +96,9 @@ def test_contract_and_tokenizer_ids_match_the_fixture(tiny):
     assert (backend.som, backend.eom, backend.image, backend.offset) == (
         meta["som_id"], meta["eom_id"], meta["image_id"], meta["image_code_offset"]
     )  # fmt: skip
-    assert backend._uncond == [96, 14, 20, 14, 98]  # the fixture README's prefix for a 4 x 4 image
+    assert backend.uncond_prefix == [96, 14, 20, 14, 98]  # the fixture README's prefix for a 4 x 4 image
     p = backend.tokenize_prompts(["two cats"])
-    assert p.gen_ids[0].tolist() == p.ids[0].tolist() + backend._uncond
+    assert p.gen_ids[0].tolist() == p.ids[0].tolist() + backend.uncond_prefix
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])

@@ -94,7 +94,8 @@ class XOmniUMM:
                 )
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         self.image_prefix = f"{SOM}{self.hw[0]} {self.hw[1]}{IMAGE}"
-        self._uncond = self._tok(self.image_prefix)
+        # the unconditional (CFG) branch's prefix: the image header alone, as the released negative_prompt_ids
+        self.uncond_prefix = self._tok(self.image_prefix)
         self._und = {}
         self._und_parts(self.hw)
 
@@ -230,9 +231,9 @@ class XOmniUMM:
         mask = mask.long()
         if not cfg:
             return ids, mask
-        k = len(self._uncond)
+        k = len(self.uncond_prefix)
         u_ids, u_mask = torch.full_like(ids, self.pad), torch.zeros_like(mask)
-        u_ids[:, -k:] = torch.tensor(self._uncond, device=ids.device)
+        u_ids[:, -k:] = torch.tensor(self.uncond_prefix, device=ids.device)
         u_mask[:, -k:] = 1
         return torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
 
