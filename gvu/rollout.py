@@ -1,16 +1,33 @@
-"""Rollout: sampling image tokens from next-token logits (temperature, top-k, top-p, min-p, CFG).
+"""Rollout: the KV-cache decode loop every backend shares, and the per-step logits -> token functions.
 
-The KV-cache loops live in the backends (gvu/models/*, gvu/toy/backend.py), which know their sequence layout;
-this module holds what every backend shares: the per-step logits -> token functions.
+A backend knows its sequence layout (how a prefix is embedded, what is fed after a sampled code, which head gives
+the code logits); `sample_images` runs the loop with no waste:
+- each prompt is prefilled once (with its unconditional CFG row) and its cache copied to its G samples once;
+- the KV cache is preallocated for the whole image (`PreallocatedCache`): a step writes its keys in place and the
+  attention reads a view, where transformers' DynamicCache copies the whole cache every step (torch.cat);
+- conditional and unconditional rows run in the same forward; per step only the code logits are formed;
+- no host synchronisation per step: sampling draws one uniform per row and inverts the CDF on the device
+  (torch.multinomial draws V exponentials per row).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from gvu.config import SamplingConfig  # the sampling settings live with the other config sections
 
-__all__ = ["SamplingConfig", "cfg_combine", "filter_logits", "sample_next"]
+__all__ = [
+    "PreallocatedCache",
+    "SamplingConfig",
+    "cfg_combine",
+    "filter_logits",
+    "prompt_groups",
+    "sample_images",
+    "sample_next",
+]
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -39,9 +56,169 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits (N, V) -> (N,) int64."""
+    """One token per row from logits (N, V) -> (N,) int64, by inverting the CDF at one uniform per row.
+
+    The CDF is the running sum of exp(z - max) (CPU accumulates it in double, CUDA in a parallel fp32 scan), so a
+    token is drawn with its probability up to ~1e-7 of the total mass. A filtered (-inf) token is never drawn: a
+    draw that rounds up to the total mass is clamped to the last token with mass.
+    """
     if cfg.greedy:
         return logits.argmax(-1)
     z = filter_logits(logits, cfg)
-    probs = torch.softmax(z, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = (z - z.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    idx = torch.searchsorted(cdf, u * total, right=True)  # the first token whose CDF exceeds the draw
+    last = torch.searchsorted(cdf, total)  # the first token whose CDF reaches the total: the last one with mass
+    return torch.minimum(idx, last).squeeze(-1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in buffers (rows, kv_heads, capacity, head_dim) allocated at the prefill; `update`
+    writes a step's keys in place and returns views of the filled part (what attention reads)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        n, h, _, d = key_states.shape
+        self.k_buf = key_states.new_empty((n, h, self.capacity, d))
+        self.v_buf = value_states.new_empty((n, h, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"PreallocatedCache: {end} tokens exceed the capacity {self.capacity}")
+        self.k_buf[:, :, self.length : end] = key_states
+        self.v_buf[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (n',) of the cache, repeating as the index does: one copy of the filled part."""
+        if not self.is_initialized:
+            return
+        self.k_buf, self.v_buf = self.k_buf[index], self.v_buf[index]
+        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+
+class PreallocatedCache(Cache):
+    """A transformers Cache of `num_layers` PreallocatedLayer of `capacity` tokens (prefix + every fed token)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_rows(index)
+
+
+def prompt_groups(num_prompts: int, num_samples: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Chunks of at most `rows` of the B*G rollout rows, each as (prompt indices (u,), samples per prompt (u,)).
+
+    Row b*G + g is sample g of prompt b; a chunk holds consecutive rows, so a prompt's samples may span two chunks.
+    """
+    n, out = num_prompts * num_samples, []
+    for s in range(0, n, rows):
+        prompt = torch.arange(s, min(s + rows, n)) // num_samples
+        idx, counts = torch.unique_consecutive(prompt, return_counts=True)
+        out.append((idx, counts))
+    return out
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at the first real token (pads get 0 too; attention ignores them)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _num_layers(body: torch.nn.Module) -> int:
+    config = body.config.get_text_config(decoder=True) if hasattr(body.config, "get_text_config") else body.config
+    return config.num_hidden_layers
+
+
+Feed = Callable[[torch.Tensor, int], dict]
+
+
+@torch.no_grad()
+def sample_images(
+    body: torch.nn.Module,
+    prefix: dict,
+    mask: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    steps: int,
+    fed_len: int,
+    feed: Feed,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    uncond: tuple[dict, torch.Tensor] | None = None,
+    cfg_space: str = "logits",
+) -> torch.Tensor:
+    """Sample `counts[i]` images for each of u prompts -> codes int64 (sum(counts), steps), rows grouped by prompt.
+
+    body: the decoder (a transformers base model taking input_ids or inputs_embeds, attention_mask, position_ids,
+        past_key_values) whose last hidden state predicts the next code.
+    prefix: the forward's token input for the u left-padded prefixes, {"input_ids": (u, P)} or {"inputs_embeds":
+        (u, P, D)}; mask: bool/long (u, P), True at real tokens.
+    uncond: (prefix, mask) of the u unconditional rows when sampling.cfg_scale > 1 (same P).
+    feed(codes (n,), t) -> the forward's token input {"input_ids": (n, k)} or {"inputs_embeds": (n, k, D)} after
+        code t (k >= 1: a layout may force tokens, e.g. the toy's end of row); fed_len: an upper bound of the
+        tokens fed over the whole image (the cache is allocated for P + fed_len).
+    logits(h (rows, D)) -> the code logits (rows, K); cfg_space "logprobs" combines log-softmaxed branches (X-Omni).
+    """
+    cfg = uncond is not None
+    u, P = mask.shape
+    n = int(counts.sum())
+    if cfg:
+        key = next(iter(prefix))
+        prefix = {key: torch.cat([prefix[key], uncond[0][key]])}
+        mask = torch.cat([mask, uncond[1]])
+    mask = mask.long()
+    pos = _positions(mask)
+    cache = PreallocatedCache(_num_layers(body), P + fed_len)
+    h = body(**prefix, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    # each prompt's cache (and its unconditional row's) goes to its samples once
+    rep = torch.repeat_interleave(torch.arange(u, device=mask.device), counts.to(mask.device))
+    index = torch.cat([rep, rep + u]) if cfg else rep
+    cache.select_rows(index)
+    h = h.last_hidden_state[index, -1]
+    rows = index.shape[0]
+    full_mask = torch.ones((rows, P + fed_len), dtype=torch.long, device=mask.device)
+    full_mask[:, :P] = mask[index]
+    next_pos = pos[index, -1:] + 1
+    T = P
+    out = torch.empty((n, steps), dtype=torch.long, device=mask.device)
+    for t in range(steps):
+        z = logits(h).float()
+        if cfg:
+            if cfg_space == "logprobs":
+                z = z.log_softmax(-1)
+            z = cfg_combine(z[:n], z[n:], sampling.cfg_scale)
+        tok = sample_next(z, sampling, generator)
+        out[:, t] = tok
+        if t == steps - 1:
+            break
+        step = feed(tok, t)
+        if cfg:
+            step = {k: torch.cat([v, v]) for k, v in step.items()}
+        k = next(iter(step.values())).shape[1]
+        T += k
+        h = body(
+            **step,
+            attention_mask=full_mask[:, :T],
+            position_ids=next_pos + torch.arange(k, device=mask.device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        next_pos = next_pos + k
+    return out

@@ -36,7 +36,7 @@ from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import gathered, saveable, unwrap
-from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+from gvu.rollout import SamplingConfig, cfg_combine, prompt_groups, sample_images
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -243,49 +243,37 @@ class JanusUMM:
         embeddings. Logits come from the generation head, CFG-combined, then temperature / top-k / top-p / min-p.
         With greedy sampling this reproduces JanusForConditionalGeneration.generate(generation_mode="image").
         """
-        p = prompts.repeat_interleave(num_samples)
-        n = len(p)
-        cfg = sampling.cfg_scale > 1
-        out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
-        P = p.gen_ids.shape[1]
-        step = self.rows.chunk("rollout", n, cfg, model, P + self.image_len, prefix_len=P)
-        for s in range(0, n, step):
-            out[s : s + step] = self._generate_rows(
-                model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], sampling, generator
-            )
+        B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
+        out = torch.empty((B * G, self.image_len), dtype=torch.long, device=prompts.gen_ids.device)
+        P = prompts.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", B * G, cfg, model, P + self.image_len, prefix_len=P)
+        s = 0
+        for idx, counts in prompt_groups(B, G, step):
+            rows = prompts[idx.tolist()]
+            out[s : s + int(counts.sum())] = self._generate_rows(model, rows, counts, sampling, generator)
+            s += int(counts.sum())
         return out
 
-    def _generate_rows(self, model, gen_ids, gen_mask, sampling: SamplingConfig, generator):
-        from transformers import DynamicCache
-
+    def _generate_rows(self, model, p: PromptBatch, counts: torch.Tensor, sampling: SamplingConfig, generator):
+        """counts[i] images of prompt row i -> codes (sum(counts), L): gvu.rollout.sample_images on Janus' layout
+        (prefix through the text embeddings, each code fed through the generation embeddings and aligner)."""
         lm, body = self._parts(model)
-        head = lm.model.generation_head
-        n, cfg = gen_ids.shape[0], sampling.cfg_scale > 1
-        ids, mask = self._cfg_rows(gen_ids, gen_mask, cfg)
-        pos = _positions(mask)
-        cache = DynamicCache()
+        u, cfg = len(p), sampling.cfg_scale > 1
+        ids, mask = self._cfg_rows(p.gen_ids, p.gen_mask, cfg)
         emb = lm.get_input_embeddings()(ids)
-        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        h = h.last_hidden_state[:, -1]
-        next_pos = pos[:, -1:] + 1
-        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
-        for t in range(self.image_len):
-            logits = head(h).float()
-            if cfg:
-                logits = cfg_combine(logits[:n], logits[n:], sampling.cfg_scale)
-            tok = sample_next(logits, sampling, generator)
-            out[:, t] = tok
-            if t == self.image_len - 1:
-                break
-            feed = torch.cat([tok, tok]) if cfg else tok
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            emb = lm.prepare_embeddings_for_image_generation(feed[:, None])
-            h = body(
-                inputs_embeds=emb, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-            )
-            h = h.last_hidden_state[:, -1]
-            next_pos = next_pos + 1
-        return out
+        return sample_images(
+            body,
+            {"inputs_embeds": emb[:u]},
+            mask[:u],
+            counts,
+            steps=self.image_len,
+            fed_len=self.image_len - 1,
+            feed=lambda tok, t: {"inputs_embeds": lm.prepare_embeddings_for_image_generation(tok[:, None])},
+            logits=lm.model.generation_head,
+            sampling=sampling,
+            generator=generator,
+            uncond=({"inputs_embeds": emb[u:]}, mask[u:]) if cfg else None,
+        )
 
     def image_logprobs(
         self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0

@@ -36,7 +36,7 @@ from gvu.models.base import (
     understanding_rows,
 )
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
-from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+from gvu.rollout import SamplingConfig, cfg_combine, prompt_groups, sample_images
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
 
@@ -228,51 +228,42 @@ class ToyUMM:
         code logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run in the
         same batch and the logits are combined before temperature / top-k / top-p / min-p.
         """
-        p = prompts.repeat_interleave(num_samples)
-        n, P = len(p), p.gen_ids.shape[1]
-        step = self.rows.chunk("rollout", n, sampling.cfg_scale > 1, model, P + self.layout_len, prefix_len=P)
-        return torch.cat([self._generate_rows(model, p[s : s + step], sampling, generator) for s in range(0, n, step)])
+        B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
+        P = prompts.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", B * G, cfg, model, P + self.layout_len, prefix_len=P)
+        chunks = prompt_groups(B, G, step)
+        return torch.cat([self._generate_rows(model, prompts[i.tolist()], c, sampling, generator) for i, c in chunks])
 
-    def _generate_rows(self, model, p: PromptBatch, sampling: SamplingConfig, generator) -> torch.Tensor:
+    def _generate_rows(self, model, p: PromptBatch, counts, sampling: SamplingConfig, generator) -> torch.Tensor:
+        """counts[i] images of prompt row i -> codes (sum(counts), 36): gvu.rollout.sample_images on the toy's
+        layout (a row's last code goes in with its forced <eor>; logits = hidden @ the code rows of lm_head)."""
         body, head = backbone_and_head(model)
-        n, cfg = len(p), sampling.cfg_scale > 1
         ids, mask = self._prefix(p)
-        if cfg:
-            u_ids, u_mask = self._prefix(p, unconditional=True)
-            ids, mask = torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
-        pos = self._positions(mask)
-        from transformers import DynamicCache
+        u_ids, u_mask = self._prefix(p, unconditional=True)
+        eor = torch.full((int(counts.sum()) * (2 if sampling.cfg_scale > 1 else 1), 1), self.eor, device=ids.device)
 
-        cache = DynamicCache()
-        h = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        h = h.last_hidden_state[:, -1]
-        next_pos = pos[:, -1] + 1
-        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
+        def feed(tok: torch.Tensor, t: int) -> dict:
+            codes = (tok + self.code_offset).unsqueeze(1)
+            if (t + 1) % self.row == 0:  # end of a row: the forced <eor> goes in with the code
+                codes = torch.cat([codes, eor[: codes.shape[0]]], 1)
+            return {"input_ids": codes}
+
         with gathered(head.weight):
             wc = self._code_rows(head)
             bc = head.bias[self.code_offset : self.code_offset + self.num_codes] if head.bias is not None else None
-            for t in range(self.image_len):
-                logits = torch.nn.functional.linear(h, wc, bc).float()
-                if cfg:
-                    logits = cfg_combine(logits[:n], logits[n:], sampling.cfg_scale)
-                tok = sample_next(logits, sampling, generator)
-                out[:, t] = tok
-                if t == self.image_len - 1:
-                    break
-                feed = (tok + self.code_offset).unsqueeze(1)
-                if cfg:
-                    feed = torch.cat([feed, feed])
-                if (t + 1) % self.row == 0:  # end of a row: the forced <eor> goes in with the code
-                    feed = torch.cat([feed, torch.full_like(feed, self.eor)], 1)
-                k = feed.shape[1]
-                mask = torch.cat([mask, torch.ones_like(feed)], 1)
-                step_pos = next_pos.unsqueeze(1) + torch.arange(k, device=feed.device)
-                next_pos = next_pos + k
-                h = body(
-                    input_ids=feed, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True
-                )
-                h = h.last_hidden_state[:, -1]
-        return out
+            return sample_images(
+                body,
+                {"input_ids": ids},
+                mask,
+                counts,
+                steps=self.image_len,
+                fed_len=self.layout_len,
+                feed=feed,
+                logits=lambda h: torch.nn.functional.linear(h, wc, bc),
+                sampling=sampling,
+                generator=generator,
+                uncond=({"input_ids": u_ids}, u_mask) if sampling.cfg_scale > 1 else None,
+            )
 
     def _image_hidden(self, model, prompts: PromptBatch, image_tokens: torch.Tensor, with_uncond: bool):
         """Teacher-forced hidden states that predict each code: (N, 36, D), or (2N, 36, D) with the

@@ -47,7 +47,7 @@ from gvu.models.wrapping import gathered, saveable, unwrap
 from gvu.models.xomni.codes import PATCH, TokenCodec
 from gvu.models.xomni.modeling import position_ids_from_mask
 from gvu.models.xomni.options import OPTIONS_FILE, folder_problems, read_options
-from gvu.rollout import SamplingConfig, cfg_combine, sample_next
+from gvu.rollout import SamplingConfig, cfg_combine, prompt_groups, sample_images
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 SOM, EOM, IMAGE, END = "<SOM>", "<EOM>", "<IMAGE>", "<|im_end|>"
@@ -247,47 +247,34 @@ class XOmniUMM:
         cfg_scale > 1 the unconditional ones), then one forward per code. Each step forms only the K code logits;
         greedy equals XOmniForCausalLM.generate in image mode (with negative_prompt_ids = the image prefix).
         """
-        p = prompts.repeat_interleave(num_samples)
-        n, P = len(p), p.gen_ids.shape[1]
-        step = self.rows.chunk("rollout", n, sampling.cfg_scale > 1, model, P + self.image_len, prefix_len=P)
-        out = torch.empty((n, self.image_len), dtype=torch.long, device=p.gen_ids.device)
-        for s in range(0, n, step):
-            out[s : s + step] = self._generate_rows(
-                model, p.gen_ids[s : s + step], p.gen_mask[s : s + step], sampling, generator
-            )
-        return out
+        B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
+        P = prompts.gen_ids.shape[1]
+        step = self.rows.chunk("rollout", B * G, cfg, model, P + self.image_len, prefix_len=P)
+        chunks = prompt_groups(B, G, step)
+        return torch.cat([self._generate_rows(model, prompts[i.tolist()], c, sampling, generator) for i, c in chunks])
 
-    def _generate_rows(self, model, gen_ids, gen_mask, sampling: SamplingConfig, generator):
-        from transformers import DynamicCache
-
+    def _generate_rows(self, model, p: PromptBatch, counts, sampling: SamplingConfig, generator):
+        """counts[i] images of prompt row i -> codes (sum(counts), H*W): gvu.rollout.sample_images in image mode
+        (codes fed as token ids at `offset`; logits = the first K rows of mm_head; CFG on log-probabilities)."""
         lm = unwrap(model)
-        n, cfg = gen_ids.shape[0], sampling.cfg_scale > 1
-        ids, mask = self._cfg_rows(gen_ids, gen_mask, cfg)
-        pos = position_ids_from_mask(mask)
-        cache = DynamicCache(config=lm.config)
-        h = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        h = h.last_hidden_state[:, -1]
-        next_pos = pos[:, -1:] + 1
-        out = torch.empty((n, self.image_len), dtype=torch.long, device=ids.device)
+        u, cfg = len(p), sampling.cfg_scale > 1
+        ids, mask = self._cfg_rows(p.gen_ids, p.gen_mask, cfg)
         with gathered(lm.mm_head.weight):
             w = lm.mm_head.weight[: self.num_codes]
-            for t in range(self.image_len):
-                logits = F.linear(h, w).float()  # (n or 2n, K): the image-mode part of the released logits
-                if cfg:
-                    z = logits.log_softmax(-1)
-                    logits = cfg_combine(z[:n], z[n:], sampling.cfg_scale)
-                tok = sample_next(logits, sampling, generator)
-                out[:, t] = tok
-                if t == self.image_len - 1:
-                    break
-                feed = (tok + self.offset)[:, None]
-                feed = torch.cat([feed, feed]) if cfg else feed
-                mask = torch.cat([mask, torch.ones_like(feed)], 1)
-                h = lm.model(
-                    input_ids=feed, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-                ).last_hidden_state[:, -1]
-                next_pos = next_pos + 1
-        return out
+            return sample_images(
+                lm.model,
+                {"input_ids": ids[:u]},
+                mask[:u],
+                counts,
+                steps=self.image_len,
+                fed_len=self.image_len - 1,
+                feed=lambda tok, t: {"input_ids": (tok + self.offset)[:, None]},
+                logits=lambda h: F.linear(h, w),  # (rows, K): the image-mode part of the released logits
+                sampling=sampling,
+                generator=generator,
+                uncond=({"input_ids": ids[u:]}, mask[u:]) if cfg else None,
+                cfg_space="logprobs",
+            )
 
     def image_logprobs(
         self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0
