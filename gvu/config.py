@@ -117,6 +117,10 @@ class SamplingConfig:
     min_p: float = opt(0.0, "drop codes below min_p x the top probability; 0.0: off")
     cfg_scale: float = opt(1.0, "classifier-free guidance scale; 1.0: off")
     greedy: bool = opt(False, "argmax instead of sampling")
+    cuda_graph: bool = opt(
+        True, "on CUDA, replay each decode step from a captured CUDA graph (sdpa/eager attention, not ZeRO-3); "
+        "falls back to eager decoding with a log line when capture is not possible",
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         out = []

@@ -80,6 +80,7 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity, self.length = capacity, 0
+        self.write_at: torch.Tensor | None = None  # static mode: where a step writes (device int64 (k,))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -91,6 +92,10 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_at is not None:  # static mode: fixed shapes and no host-side offsets, as a CUDA graph replays
+            self.k_buf.index_copy_(2, self.write_at, key_states)
+            self.v_buf.index_copy_(2, self.write_at, value_states)
+            return self.k_buf, self.v_buf
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"PreallocatedCache: {end} tokens exceed the capacity {self.capacity}")
@@ -120,6 +125,12 @@ class PreallocatedCache(Cache):
     def select_rows(self, index: torch.Tensor) -> None:
         for layer in self.layers:
             layer.select_rows(index)
+
+    def make_static(self, write_at: torch.Tensor) -> None:
+        """From now on every layer writes a step's k tokens at positions `write_at` (int64 (k,), updated in place
+        by the caller) and returns its whole buffers; the attention mask must then hide the unwritten positions."""
+        for layer in self.layers:
+            layer.write_at = write_at
 
 
 def prompt_groups(num_prompts: int, num_samples: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -160,9 +171,11 @@ def sample_images(
     feed: Feed,
     logits: Callable[[torch.Tensor], torch.Tensor],
     sampling: SamplingConfig,
+    width: Callable[[int], int] = lambda t: 1,
     generator: torch.Generator | None = None,
     uncond: tuple[dict, torch.Tensor] | None = None,
     cfg_space: str = "logits",
+    static: bool | None = None,
 ) -> torch.Tensor:
     """Sample `counts[i]` images for each of u prompts -> codes int64 (sum(counts), steps), rows grouped by prompt.
 
@@ -172,9 +185,12 @@ def sample_images(
         (u, P, D)}; mask: bool/long (u, P), True at real tokens.
     uncond: (prefix, mask) of the u unconditional rows when sampling.cfg_scale > 1 (same P).
     feed(codes (n,), t) -> the forward's token input {"input_ids": (n, k)} or {"inputs_embeds": (n, k, D)} after
-        code t (k >= 1: a layout may force tokens, e.g. the toy's end of row); fed_len: an upper bound of the
-        tokens fed over the whole image (the cache is allocated for P + fed_len).
+        code t, with k = width(t) >= 1 tokens (a layout may force tokens, e.g. the toy's end of row); fed_len: an
+        upper bound of the tokens fed over the whole image (the cache is allocated for P + fed_len).
     logits(h (rows, D)) -> the code logits (rows, K); cfg_space "logprobs" combines log-softmaxed branches (X-Omni).
+    static: decode with fixed shapes (the cache's whole buffers and a 4D mask), captured in a CUDA graph per step
+        width on CUDA; None: on CUDA when sampling.cuda_graph. A capture that fails is logged and the same static
+        step runs eagerly.
     """
     cfg = uncond is not None
     u, P = mask.shape
@@ -192,33 +208,134 @@ def sample_images(
     index = torch.cat([rep, rep + u]) if cfg else rep
     cache.select_rows(index)
     h = h.last_hidden_state[index, -1]
-    rows = index.shape[0]
-    full_mask = torch.ones((rows, P + fed_len), dtype=torch.long, device=mask.device)
+    full_mask = torch.ones((index.shape[0], P + fed_len), dtype=torch.long, device=mask.device)
     full_mask[:, :P] = mask[index]
-    next_pos = pos[index, -1:] + 1
-    T = P
-    out = torch.empty((n, steps), dtype=torch.long, device=mask.device)
-    for t in range(steps):
+
+    def next_logits(h: torch.Tensor) -> torch.Tensor:
         z = logits(h).float()
         if cfg:
-            if cfg_space == "logprobs":
-                z = z.log_softmax(-1)
+            z = z.log_softmax(-1) if cfg_space == "logprobs" else z
             z = cfg_combine(z[:n], z[n:], sampling.cfg_scale)
+        return z
+
+    def forward(tok: torch.Tensor, t: int, mask_now, positions) -> torch.Tensor:
+        """The step after code t: feed, one body forward, the next code's (CFG-combined) logits."""
+        step = feed(tok, t)
+        if cfg:
+            step = {k: torch.cat([v, v]) for k, v in step.items()}
+        out = body(**step, attention_mask=mask_now, position_ids=positions, past_key_values=cache, use_cache=True)
+        return next_logits(out.last_hidden_state[:, -1])
+
+    attn = getattr(body.config, "_attn_implementation", "sdpa")
+    if static is None:
+        static = mask.device.type == "cuda" and sampling.cuda_graph and _graph_safe(body, attn)
+    args = (cache, forward, next_logits(h), full_mask, pos[index, -1:] + 1, P, n, steps, width, sampling, generator)
+    return _static_steps(*args, attn=attn) if static else _dynamic_steps(*args)
+
+
+def _graph_safe(body: torch.nn.Module, attn: str) -> bool:
+    """Whether the decode step can be captured in a CUDA graph; logs why not."""
+    if attn not in ("sdpa", "eager"):  # flash-attn's padding path unpads with a host sync; it takes no 4D mask
+        log_once(f"rollout: no CUDA graph with attn_implementation={attn} (it needs sdpa or eager); decoding eagerly")
+        return False
+    if any(hasattr(p, "ds_id") for p in body.parameters()):  # ZeRO-3 gathers parameters per forward
+        log_once("rollout: no CUDA graph under ZeRO-3 (parameters are gathered per forward); decoding eagerly")
+        return False
+    return True
+
+
+def _dynamic_steps(cache, forward, z, full_mask, next_pos, T, n, steps, width, sampling, generator):
+    """The decode loop over a growing view of the cache and the 2D mask: attention reads only the filled part."""
+    out = torch.empty((n, steps), dtype=torch.long, device=full_mask.device)
+    for t in range(steps):
         tok = sample_next(z, sampling, generator)
         out[:, t] = tok
         if t == steps - 1:
             break
-        step = feed(tok, t)
-        if cfg:
-            step = {k: torch.cat([v, v]) for k, v in step.items()}
-        k = next(iter(step.values())).shape[1]
+        k = width(t)
         T += k
-        h = body(
-            **step,
-            attention_mask=full_mask[:, :T],
-            position_ids=next_pos + torch.arange(k, device=mask.device),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
+        z = forward(tok, t, full_mask[:, :T], next_pos + torch.arange(k, device=full_mask.device))
         next_pos = next_pos + k
     return out
+
+
+def _static_steps(cache, forward, z, full_mask, next_pos, T, n, steps, width, sampling, generator, attn="sdpa"):
+    """The decode loop with fixed shapes: the cache's whole buffers, a 4D mask (rows, 1, k, C) hiding what is not
+    written yet (and, within a step of k > 1 tokens, what is causally later), positions and write offsets in device
+    buffers updated in place. On CUDA each step width's forward is captured in a CUDA graph once and replayed, so a
+    step costs one launch instead of one per kernel; the host never waits on the device (sampling stays outside)."""
+    dev = full_mask.device
+    rows, C = full_mask.shape
+    seen = full_mask.bool().clone()
+    seen[:, T:] = False  # (rows, C): the keys any query may attend to so far
+    cols = torch.arange(C, device=dev)
+    tok_buf = torch.zeros(n, dtype=torch.long, device=dev)
+    dtype = cache.layers[0].k_buf.dtype
+    per_width: dict[int, _StaticStep] = {}
+    out = torch.empty((n, steps), dtype=torch.long, device=dev)
+    for t in range(steps):
+        tok = sample_next(z, sampling, generator)
+        out[:, t] = tok
+        if t == steps - 1:
+            break
+        k = width(t)
+        s = per_width.get(k)
+        if s is None:
+            s = per_width[k] = _StaticStep(k, rows, C, dev, dtype if attn == "eager" else torch.bool)
+        tok_buf.copy_(tok)
+        ar = torch.arange(k, device=dev)
+        s.write_at.copy_(T + ar)
+        s.positions.copy_(next_pos + ar)
+        seen[:, T : T + k] = True
+        allow = seen[:, None, None, :] & (cols <= (T + ar)[:, None])  # (rows, 1, k, C)
+        # sdpa takes the boolean mask as it is; eager adds it to the scores
+        s.mask.copy_(allow if attn != "eager" else torch.where(allow, 0.0, torch.finfo(dtype).min))
+        cache.make_static(s.write_at)
+        z = s.run(lambda s=s, t=t: forward(tok_buf, t, s.mask, s.positions))
+        T, next_pos = T + k, next_pos + k
+    return out
+
+
+class _StaticStep:
+    """The device buffers of one step width k and, on CUDA, its captured graph."""
+
+    def __init__(self, k: int, rows: int, C: int, dev, mask_dtype):
+        self.write_at = torch.zeros(k, dtype=torch.long, device=dev)
+        self.positions = torch.zeros((rows, k), dtype=torch.long, device=dev)
+        self.mask = torch.zeros((rows, 1, k, C), dtype=mask_dtype, device=dev)
+        self.graph, self.out, self.tried = None, None, dev.type != "cuda"
+
+    def run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        if not self.tried:
+            self.tried = True
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()  # warm-up (allocations, lazy inits); it writes what this step writes, so it is idempotent
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.out = fn()
+                self.graph = graph
+                graph.replay()
+                return self.out
+            except Exception as e:  # noqa: BLE001 -- any capture failure falls back to the same step, eagerly
+                log_once(f"rollout: CUDA graph capture failed ({type(e).__name__}: {str(e)[:160]}); "
+                         "decoding with fixed shapes, without graphs")  # fmt: skip
+        return fn()
+
+
+_LOGGED: set[str] = set()
+
+
+def log_once(msg: str) -> None:
+    """Print `msg` once per process, on rank 0 only."""
+    import torch.distributed as dist
+
+    if msg not in _LOGGED and (not dist.is_initialized() or dist.get_rank() == 0):
+        _LOGGED.add(msg)
+        print(msg, flush=True)

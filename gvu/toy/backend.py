@@ -259,6 +259,7 @@ class ToyUMM:
                 steps=self.image_len,
                 fed_len=self.layout_len,
                 feed=feed,
+                width=lambda t: 2 if (t + 1) % self.row == 0 else 1,
                 logits=lambda h: torch.nn.functional.linear(h, wc, bc),
                 sampling=sampling,
                 generator=generator,

@@ -95,3 +95,33 @@ def test_a_shared_prefill_samples_what_a_prefill_per_row_samples(llama, cfg_scal
         per_row = run(ids[r], mask[r], u_ids[r], torch.ones(6, dtype=torch.long), sampling)
         assert shared.shape == (6, 6)
         assert torch.equal(shared, per_row)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_the_fixed_shape_decode_samples_what_the_growing_one_does(llama, attn, cfg_scale):
+    """The static path (the CUDA graph's step, run eagerly here) with steps of one and of two tokens (the toy's end
+    of row) gives the growing-cache path's tokens, greedy and seeded."""
+    llama.config._attn_implementation = attn
+    try:
+        torch.manual_seed(2)
+        ids = torch.randint(1, 50, (2, 5))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        head = torch.nn.Linear(32, 16)
+
+        def feed(tok, t):
+            x = tok[:, None] + 20
+            return {"input_ids": torch.cat([x, torch.full_like(x, 49)], 1) if t % 3 == 2 else x}
+
+        common = dict(steps=8, fed_len=12, feed=feed, width=lambda t: 2 if t % 3 == 2 else 1, logits=head)
+        uncond = ({"input_ids": torch.ones_like(ids)}, mask) if cfg_scale > 1 else None
+        for sampling in (SamplingConfig(greedy=True, cfg_scale=cfg_scale), SamplingConfig(cfg_scale=cfg_scale)):
+            outs = [
+                sample_images(llama, {"input_ids": ids}, mask, torch.tensor([2, 3]), sampling=sampling, uncond=uncond,
+                              generator=torch.Generator().manual_seed(0), static=static, **common)
+                for static in (False, True)
+            ]  # fmt: skip
+            assert torch.equal(outs[0], outs[1])
+    finally:
+        llama.config._attn_implementation = "sdpa"
