@@ -83,8 +83,17 @@ def time_fn(fn, warmup: int = 1, repeats: int = 5) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so a timing covers what the call launched (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
@@ -98,8 +107,47 @@ def time_interleaved(fns: dict, warmup: int = 1, repeats: int = 5) -> dict[str, 
         for k, f in fns.items():
             t0 = time.perf_counter()
             f()
+            _sync()
             ts[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def peak_memory(fn, device: str = "cpu") -> float:
+    """Peak memory fn() allocates beyond what is live when it starts, in MiB. CUDA: torch's allocator statistics
+    (exact). CPU: the process's resident size sampled every 0.5 ms by a thread (torch's big CPU tensors are mmapped
+    and unmapped when freed, so RSS follows them; tiny allocations are below the noise), a lower bound."""
+    import threading
+
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return max(0, max(peak[0], rss()) - base) / 2**20
 
 
 def append_csv(name: str, rows: list[dict], path: Path | None = None) -> Path:
@@ -173,30 +221,41 @@ def janus_tiny_words() -> list[str]:
     return sorted({w for m in WP.make_prompt_sets(0)[0] for w in m["prompt"].split()})
 
 
-def load_janus(seed: int = JANUS_TINY_SEED, real_layout: bool = False):
+def load_janus(seed: int = JANUS_TINY_SEED, real_layout: bool = False, shapes: str | None = None, device="cpu",
+               dtype=None):  # fmt: skip
     """(JanusUMM adapter, eval-mode JanusForConditionalGeneration, source label) for a tiny random Janus;
-    `real_layout`: Janus-Pro's image layout with a small body (gvu.testing.real_layout_janus_config).
+    `real_layout` (or shapes="real"): Janus-Pro's image layout with a small body (gvu.testing.real_layout_janus_config);
+    shapes="1b": Janus-Pro-1B's published shapes (2.1B parameters, built on `device` in `dtype`, default bf16).
 
     Built offline the way tests/gvu/test_janus.py does it: gvu.testing.make_tiny_janus writes a random
     checkpoint (tiny_janus_config: Llama d=64 x 2 layers, SigLIP d=32 x 1 on 32 px, VQ with 64 codes on a 4x4 grid)
-    with a WordLevel tokenizer over the shapes-world words, then JanusUMM.from_pretrained loads it back.
+    with a WordLevel tokenizer over the shapes-world words, then JanusUMM.from_pretrained loads it back (the 1b model
+    is used as built: writing 4 GB to load it back tests nothing more).
     """
     import tempfile
 
+    import torch
     from transformers.utils import logging as hf_logging
 
     from gvu.models.janus import JanusUMM
-    from gvu.testing import make_tiny_janus
+    from gvu.testing import build_janus, make_tiny_janus
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in bench output
+    shapes = shapes or ("real" if real_layout else "tiny")
+    if shapes == "1b":
+        dtype = dtype or torch.bfloat16
+        adapter, model = build_janus(janus_tiny_words(), seed, "1b", device=device, dtype=dtype)
+        adapter.vq.to(device)
+        return adapter, model, f"janus_pro_1b_shapes-random(seed={seed}, {str(dtype).replace('torch.', '')})"
     with tempfile.TemporaryDirectory(prefix="gvu_bench_janus_") as tmp:
-        path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed, real_layout=real_layout)
+        path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed, real_layout=shapes == "real")
         adapter, model = JanusUMM.from_pretrained(path)
         # weights may be memory-mapped from the folder about to be deleted: materialise them first
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.clone()
-    model.eval()
-    return adapter, model, f"janus_{'real_layout' if real_layout else 'tiny'}-random(seed={seed})"
+    model.eval().to(device=device, dtype=dtype or torch.float32)
+    adapter.vq.to(device)
+    return adapter, model, f"janus_{'real_layout' if shapes == 'real' else 'tiny'}-random(seed={seed})"
 
 
 def janus_shapes(adapter, model) -> str:

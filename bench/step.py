@@ -1,7 +1,10 @@
-"""Whole-step time breakdown of a GvU step on the toy UMM (configs/toy.yaml: 16 prompts x 8 samples), in-process.
+"""Whole-step time breakdown of a GvU step, in-process: the toy UMM (configs/toy.yaml: 16 prompts x 8 samples) or
+a random Janus at Janus-Pro's layout (CFG 5, 576 codes of 16384; bf16 at Janus-Pro-1B's shapes for a GPU).
 
     python bench/step.py                    # 1 warmup, then 3 timed steps alternating with 2 baseline steps
     python bench/step.py --quick            # 2 prompts x 2 samples, 1 step each (the smoke test)
+    python bench/step.py --model janus --shapes real            # small body on CPU: 2 prompts x 4 samples
+    python bench/step.py --model janus --shapes 1b --device cuda  # Janus-Pro-1B's shapes: 4 x 8 (the GPU check)
 
 Runs gvu.train.train_step on a one-rank DeepSpeed engine (ZeRO-2, LoRA) and reads gvu.metrics.PhaseTimer:
 seconds per phase (rollout, decode, reward, ref_logprobs, policy_logprobs, backward, optimizer; "other" is the
@@ -28,19 +31,21 @@ PHASES = ("rollout", "decode", "reward", "ref_logprobs", "policy_logprobs", "bac
 
 
 class HFRolloutAdapter:
-    """The toy adapter with `generate` swapped for HF generate + ImageLayoutProcessor (the baseline step)."""
+    """The adapter with `generate` swapped for HF generate (the baseline step): the toy's with ImageLayoutProcessor,
+    Janus' `generate(generation_mode="image", guidance_scale=5)`."""
 
-    def __init__(self, adapter):
-        self._a = adapter
+    def __init__(self, adapter, janus: bool):
+        self._a, self._janus = adapter, janus
 
     def __getattr__(self, name):
         return getattr(self._a, name)
 
     def generate(self, model, prompts, num_samples, sampling, generator=None):
-        from rollout import hf_generate
+        from rollout import hf_generate, janus_hf_generate
 
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        return hf_generate(self._a, model, prompts, num_samples, greedy=False, seed=seed)
+        fn = janus_hf_generate if self._janus else hf_generate
+        return fn(self._a, model, prompts, num_samples, greedy=False, seed=seed)
 
 
 def timed_steps(train, engine, adapter, sampler, cfg, first: int, n: int) -> list[dict[str, float]]:
@@ -70,6 +75,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
     # 2-thread run waits at every barrier (16x8 rollout: 0.60 s at 1 thread vs 11.2 s at 2, load ~5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/step.csv)")
+    p.add_argument("--model", choices=["toy", "janus"], default="toy", help="toy: the shipped toy UMM")
+    p.add_argument("--shapes", choices=["tiny", "real", "1b"], default="real", help="janus: the tiny random Janus, "
+                   "Janus-Pro's layout with a small body (real) or Janus-Pro-1B's shapes in bf16 (1b)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", default=None, help="BxG prompts x samples (default toy 16x8, janus real 2x4, 1b 4x8)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,28 +93,40 @@ def run(argv: list[str] | None = None) -> list[dict]:
     from gvu.toy.backend import ToyUMM
 
     tmp = tempfile.TemporaryDirectory(prefix="gvu-bench-step-")
-    ckpt = C.toy_checkpoint()
-    src = "gvu/assets/toy_umm"
-    if ckpt is None:  # a random model of the same shape costs the same
-        ckpt, src = str(Path(tmp.name) / "toy"), "random(seed=0)"
-        a, m = ToyUMM.new_model(seed=0)
-        a.save_pretrained(ckpt, m)
+    janus = args.model == "janus"
+    B, G = (int(x) for x in (args.batch or ("4x8" if args.shapes == "1b" else "2x4") if janus else "16x8").split("x"))
     # the baseline is the official reward, which scores the prompt's tokens only: ours does the same here
-    over = [f"--model.path={ckpt}", f"--train.output_dir={tmp.name}/run", "--train.eval_before=false"]
-    over += ["--grpo.reward_eos=false"]
+    over = [f"--train.output_dir={tmp.name}/run", "--train.eval_before=false", "--grpo.reward_eos=false"]
+    over += [f"--grpo.prompts_per_step={B}", f"--grpo.group_size={G}"]
     if args.quick:
         over += ["--grpo.prompts_per_step=2", "--grpo.group_size=2"]
         args.steps, args.warmup, args.baseline_steps = 1, 0, 1
+    if janus:  # LoRA r16 on the language model, CFG 5, as configs/janus_pro_1b.yaml; the model built in memory
+        dtype = "bfloat16" if args.shapes == "1b" else "float32"
+        over += ["--model.backend=janus", f"--model.dtype={dtype}", "--sampling.cfg_scale=5", "--lora.r=16",
+                 "--lora.alpha=32", "--grpo.beta=0.01", "--lora.image_head=none"]  # fmt: skip
+    else:
+        ckpt = C.toy_checkpoint()
+        src = "gvu/assets/toy_umm"
+        if ckpt is None:  # a random model of the same shape costs the same
+            ckpt, src = str(Path(tmp.name) / "toy"), "random(seed=0)"
+            a, m = ToyUMM.new_model(seed=0)
+            a.save_pretrained(ckpt, m)
+        over.append(f"--model.path={ckpt}")
     cfg = load_config(C.REPO / "configs" / "toy.yaml", over)
     rank, world = E.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    adapter, model = E.build(cfg)
+    if janus:
+        adapter, model, src = C.load_janus(shapes=args.shapes, device=args.device)
+        model = E.build_policy(cfg, adapter, model)
+    else:
+        adapter, model = E.build(cfg)
     engine = E.make_engine(model, cfg, world)
     sampler = PromptSampler(load_prompt_sets(cfg.data)[0], cfg.grpo.prompts_per_step, cfg.data.seed, rank, world)
 
     timed_steps(train, engine, adapter, sampler, cfg, 0, args.warmup)
     ours, base = [], []
-    baseline_adapter = HFRolloutAdapter(adapter)
+    baseline_adapter = HFRolloutAdapter(adapter, janus)
     step = args.warmup
     for i in range(max(args.steps, args.baseline_steps)):  # ours and baseline alternate: load hits both alike
         if i < args.steps:
@@ -120,6 +142,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 train.intrinsic_reward = fast_reward
             step += 1
 
+    step_no = [step]
+    peak = C.peak_memory(lambda: timed_steps(train, engine, adapter, sampler, cfg, step_no[0], 1), args.device)
     info = C.machine_info()
     B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     med = {k: statistics.median(s.get(k, 0.0) for s in ours) for k in (*PHASES, "total")}
@@ -135,6 +159,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 "G": G,
                 "images": B * G,
                 "zero_stage": 2,
+                "device": args.device,
+                "dtype": cfg.model.dtype,
+                "step_peak_mib": peak,
                 "lora_r": cfg.lora.r,
                 "phase": k,
                 "seconds": med[k],
@@ -150,7 +177,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
     print(
         f"step | {info['cpu']} | {info['threads']} threads | torch {info['torch']} | "
         f"transformers {info['transformers']} | {info['git_sha']} | model {src} | B={B} G={G} | "
-        f"median of {args.steps} steps after {args.warmup} warmup | load {info['loadavg']}"
+        f"median of {args.steps} steps after {args.warmup} warmup | peak {peak:.0f} MiB beyond the weights | "
+        f"{info['cuda']} | load {info['loadavg']}"
     )
     print(C.table(rows, ["phase", "seconds", "share", "baseline_seconds", "baseline_over_ours"]))
     path = C.append_csv("step", rows, args.out)

@@ -195,6 +195,10 @@ def sample_images(
     cfg = uncond is not None
     u, P = mask.shape
     n = int(counts.sum())
+    if generator is not None and generator.device != mask.device:
+        # one seed from the caller's (CPU) generator: a generator on the device draws without a host round trip
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator = torch.Generator(mask.device).manual_seed(seed)
     if cfg:
         key = next(iter(prefix))
         prefix = {key: torch.cat([prefix[key], uncond[0][key]])}

@@ -70,20 +70,33 @@ def real_layout_janus_config(vocab_size: int, image_token_id: int, hidden: int =
     from 16384 (the VQ's 5 levels, 8-dim codes, at 32 base channels instead of 128), SigLIP d=64 x 1 at 384 / 16
     (576 understanding tokens), generation head and embeddings at the body's width (Janus-Pro: 2048 = d), and a
     Llama body d=`hidden` x `layers` (heads of 64, MLP 2.75 d, as Janus-Pro-1B's 2048 / 5632)."""
+    return _janus_layout_config(vocab_size, image_token_id, hidden, layers, full=False)
+
+
+def janus_pro_1b_config(vocab_size: int, image_token_id: int):
+    """A random JanusConfig at Janus-Pro-1B's published shapes: Llama d=2048 x 24 layers (16 heads, MLP 5632, vocab
+    102400), SigLIP-L/16 at 384 px (d=1024 x 24, 576 tokens), the VQ of 16384 8-dim codes at 128 base channels,
+    generation head and embeddings at 2048. 2.1B parameters: for GPU benchmarks (bench/*.py --shapes 1b)."""
+    return _janus_layout_config(max(vocab_size, 102400), image_token_id, 2048, 24, full=True)
+
+
+def _janus_layout_config(vocab_size: int, image_token_id: int, hidden: int, layers: int, full: bool):
     from transformers import JanusConfig, LlamaConfig
 
     heads = max(1, hidden // 64)
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=int(2.75 * hidden), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=5632 if full else int(2.75 * hidden),
+        num_hidden_layers=layers, num_attention_heads=16 if full else heads, num_key_value_heads=16 if full else heads,
+        max_position_embeddings=16384 if full else 1024, tie_word_embeddings=False,
     )  # fmt: skip
     vision = dict(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=16,
-        projection_dim=hidden, num_image_tokens=576, mlp_ratio=2.0,
+        hidden_size=1024 if full else 64, num_hidden_layers=24 if full else 1, num_attention_heads=16 if full else 2,
+        image_size=384, patch_size=16, projection_dim=hidden, num_image_tokens=576, mlp_ratio=4.0 if full else 2.0,
     )  # fmt: skip
     vq = dict(
-        embed_dim=8, num_embeddings=16384, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2, 2, 4],
-        num_res_blocks=1, projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=2,
+        embed_dim=8, num_embeddings=16384, latent_channels=32, base_channels=128 if full else 32,
+        channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2 if full else 1, projection_dim=hidden,
+        image_token_embed_dim=hidden, num_hidden_layers=2,
     )  # fmt: skip
     return JanusConfig(
         text_config=text.to_dict(), vision_config=vision, vq_config=vq, image_token_id=image_token_id,
@@ -91,16 +104,18 @@ def real_layout_janus_config(vocab_size: int, image_token_id: int, hidden: int =
     )  # fmt: skip
 
 
-def make_tiny_janus(path: str, words: list[str], seed: int = 0, real_layout: bool = False) -> str:
-    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`;
-    `real_layout`: Janus-Pro's image layout with a small body (real_layout_janus_config)."""
+def build_janus(words: list[str], seed: int = 0, layout: str = "tiny", device=None, dtype=torch.float32):
+    """(JanusUMM adapter, random eval-mode JanusForConditionalGeneration) in memory; layout "tiny"
+    (tiny_janus_config), "real" (Janus-Pro's layout, small body) or "1b" (Janus-Pro-1B's shapes), the weights
+    initialised on `device` in `dtype`."""
     from transformers import GenerationConfig, JanusForConditionalGeneration
 
     tok = tiny_janus_tokenizer(words)
-    build = real_layout_janus_config if real_layout else tiny_janus_config
+    build = {"tiny": tiny_janus_config, "real": real_layout_janus_config, "1b": janus_pro_1b_config}[layout]
     cfg = build(len(tok), tok.convert_tokens_to_ids(IMAGE))
     torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(cfg).eval()
+    with torch.device(device or "cpu"):
+        model = JanusForConditionalGeneration(cfg).to(dtype).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -109,6 +124,13 @@ def make_tiny_janus(path: str, words: list[str], seed: int = 0, real_layout: boo
     )
     size = cfg.vision_config.image_size
     adapter = JanusUMM(tok, cfg, copy.deepcopy(model.model.vqmodel), model.generation_config, {"size": size})
+    return adapter, model
+
+
+def make_tiny_janus(path: str, words: list[str], seed: int = 0, real_layout: bool = False) -> str:
+    """Write a tiny random Janus checkpoint (weights, tokenizer, generation and preprocessor configs) to `path`;
+    `real_layout`: Janus-Pro's image layout with a small body (real_layout_janus_config)."""
+    adapter, model = build_janus(words, seed, "real" if real_layout else "tiny")
     adapter.save_pretrained(path, model)
     return path
 

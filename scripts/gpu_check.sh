@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H100 / H200): every CUDA-only and Triton kernel test at full size on the device,
 # the kernel benchmark against eager, torch.compile, TRL, Liger (fused-linear CE, fused-linear GRPO) and CCE's
-# `cce`, the Triton resource table; results and a log in bench/results/ with the GPU name and versions, a summary
+# `cce`, the Triton resource table, and rollout / reward / training step of a random model at Janus-Pro-1B's
+# shapes against transformers generate and the official reward loop; results and a log in bench/results/ with the GPU name and versions, a summary
 # last.
 #
 #   scripts/gpu_check.sh             # on a CUDA machine (needs: pip install -e .[bench], a CUDA torch build)
@@ -67,11 +68,22 @@ else  # one small kernel file for one arch: the plumbing, not the 712 compilatio
     --csv "$OUT/triton_resources.csv"
 fi
 
-# ==== MODEL-LEVEL BENCHMARKS HOOK (owned by the gvu/ refactor; append below, keep the `step` form) ============
-# bench/rollout.py, bench/reward.py and bench/step.py (with a Janus-Pro-1B-shape option) go here, e.g.
-#   step "step bench (Janus-Pro-1B shape)" python bench/step.py --model janus-pro-1b-shape ...
-# In the dry run they should use their --quick sizes on CPU.
-# ==== END OF HOOK ===============================================================================================
+# --- model level: a random model at Janus-Pro-1B's published shapes (bf16; flash-attn when installed, else SDPA):
+# rollout images/s vs transformers generate with CFG 5 (as shipped, and static cache + compiled forward), the reward
+# vs the official per-token loop, an eager full-logits pass and a bare forward, one training step's phases and peak
+# memory. The dry run: the same scripts on the tiny random Janus on CPU.
+if [[ $DRY == 0 ]]; then
+  step "rollout (Janus-Pro-1B shapes)" python bench/rollout.py --shapes 1b --device cuda --configs 4x8 --repeats 2 \
+    --out "$OUT/rollout_gpu.csv"
+  step "reward (Janus-Pro-1B shapes)" python bench/reward.py --shapes 1b --device cuda --sizes 32 --repeats 3 \
+    --out "$OUT/reward_gpu.csv"
+  step "step (Janus-Pro-1B shapes)" python bench/step.py --model janus --shapes 1b --device cuda --steps 2 \
+    --baseline-steps 1 --out "$OUT/step_gpu.csv"
+else
+  step "rollout (dry run)" python bench/rollout.py --model janus --quick --out "$OUT/rollout_dry.csv"
+  step "reward (dry run)" python bench/reward.py --model janus --quick --out "$OUT/reward_dry.csv"
+  step "step (dry run)" python bench/step.py --model janus --shapes tiny --quick --out "$OUT/step_dry.csv"
+fi
 
 echo
 echo "# gpu_check summary ($([[ $DRY == 1 ]] && echo "dry run, CPU" || head -1 "$OUT/gpu_check_$STAMP.env"), $STAMP)"
