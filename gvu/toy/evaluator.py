@@ -20,7 +20,7 @@ import torch
 from gvu.config import SamplingConfig
 from gvu.evaluate import gather_per_prompt, generation_summary, per_prompt_scores
 from gvu.models import adapter_disabled
-from gvu.reward import intrinsic_reward
+from gvu.rewards import intrinsic_reward
 from gvu.toy import prompts as WP
 from gvu.toy import world as W
 
