@@ -92,13 +92,14 @@ def read_as_matching(backend, model, metas: list[dict], images) -> list[bool]:
     dev = next(model.parameters()).device
     logits = model(input_ids=u.input_ids.to(dev), **u.forward_kwargs).logits.float().cpu()
     P = u.input_ids.shape[1] - u.targets.shape[1]  # position P - 1 + j predicts the prompt's word j
+    asked = {m["prompt"]: choices(m) for m in metas}  # G samples share a prompt: ask once per prompt
+    first = {a: backend.encode_text(a)[0] for cs in asked.values() for _, alts, _ in cs for a in alts}
     out = []
     for i, m in enumerate(metas):
-        cs = choices(m)
+        cs = asked[m["prompt"]]
         ok = bool(cs)
         for q, alts, right in cs:
-            first = [backend.encode_text(a)[0] for a in alts]
-            ok &= int(logits[i, P - 1 + len(q.split()), first].argmax()) == right
+            ok &= int(logits[i, P - 1 + len(q.split()), [first[a] for a in alts]].argmax()) == right
         out.append(ok)
     return out
 
