@@ -1,4 +1,4 @@
-"""Reward throughput: gvu.reward.intrinsic_reward vs an eager full-logits pass vs the official GvU loop.
+"""Reward throughput: gvu.rewards.intrinsic_reward vs an eager full-logits pass vs the official GvU loop.
 
     python bench/reward.py                  # every model (--model toy|janus|xomni|all): 8, 64, 256 images; the
                                             # official loop on 8 of them; 5 repeats
@@ -37,7 +37,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 from gvu.models.wrapping import unwrap  # noqa: E402
-from gvu.reward import intrinsic_reward  # noqa: E402
+from gvu.rewards import intrinsic_reward  # noqa: E402
 from gvu.toy import prompts as WP  # noqa: E402
 
 

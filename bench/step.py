@@ -90,6 +90,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     from gvu import train
     from gvu.config import load_config
     from gvu.data import PromptSampler, load_prompt_sets
+    from gvu.rewards import intrinsic
     from gvu.toy.backend import ToyUMM
 
     tmp = tempfile.TemporaryDirectory(prefix="gvu-bench-step-")
@@ -134,12 +135,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
             step += 1
         if i < args.baseline_steps:
             # same engine, next step's prompts: only the rollout and reward implementations differ
-            fast_reward = train.intrinsic_reward
-            train.intrinsic_reward = lambda *a, with_eos=False, **kw: official_reward(*a, **kw)  # eos off above
+            fast_reward = intrinsic.intrinsic_reward  # what the gvu reward (grpo.rewards' default) calls
+            intrinsic.intrinsic_reward = lambda *a, with_eos=False, **kw: official_reward(*a, **kw)  # eos off above
             try:
                 base += timed_steps(train, engine, baseline_adapter, sampler, cfg, step, 1)
             finally:
-                train.intrinsic_reward = fast_reward
+                intrinsic.intrinsic_reward = fast_reward
             step += 1
 
     step_no = [step]

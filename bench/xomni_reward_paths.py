@@ -27,7 +27,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-from gvu.reward import intrinsic_reward  # noqa: E402
+from gvu.rewards import intrinsic_reward  # noqa: E402
 from gvu.rollout import SamplingConfig  # noqa: E402
 from gvu.toy import prompts as WP  # noqa: E402
 

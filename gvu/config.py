@@ -33,8 +33,8 @@ class ConfigError(ValueError):
 def opt(default, help: str, choices: tuple | None = None):
     """A config field with its help text (and allowed values, checked at load time)."""
     meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list):  # entries copied too: they may be mappings (grpo.rewards)
+        return field(default_factory=lambda: [dict(e) if isinstance(e, dict) else e for e in default], metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -161,6 +161,11 @@ class GRPOSettings:
         ("policy", "reference"),
     )  # fmt: skip
     reward_eos: bool = opt(False, "also score the caption's end token: the prompt must describe the whole image")
+    rewards: list[dict] = opt([{"name": "gvu", "weight": 1.0}], "rewards by name and weight, e.g. [{name: gvu, "
+        "weight: 1.0}, {name: qa, weight: 0.5}]: gvu, qa, yes_prob, oracle (toy) or register_reward's (gvu/rewards/); "
+        "weight 0: logged, not trained on")  # fmt: skip
+    reward_mix: str = opt("rewards", "rewards: the advantage of grpo.rewards' weighted sum; advantages: the weighted "
+        "sum of each reward's own group advantage (gvu/rewards/mix.py)", ("rewards", "advantages"))  # fmt: skip
     micro_batch_size: int = opt(0, "sequences per forward/backward (whole groups); 0: the rank's whole step at once")
 
     def problems(self) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 
 from gvu.metrics import progress, save_grid
 from gvu.models import adapter_disabled
-from gvu.reward import intrinsic_reward
+from gvu.rewards import intrinsic_reward
 
 
 class Evaluator(Protocol):

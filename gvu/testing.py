@@ -11,6 +11,7 @@ import copy
 import torch
 
 from gvu.models.janus import BOI, BOS, EOI, EOS, IMAGE, INSTRUCTION, PAD, JanusUMM
+from gvu.rewards.qa import TEMPLATE_WORDS
 
 
 def tiny_janus_tokenizer(words: list[str]):
@@ -147,16 +148,26 @@ def _tiny_toy(folder: str):
 
 
 def _tiny_janus(folder: str):
-    path = make_tiny_janus(f"{folder}/janus", JANUS_WORDS, seed=0)
+    path = make_tiny_janus(f"{folder}/janus", JANUS_WORDS + TEMPLATE_WORDS, seed=0)  # + the question templates' words
     return JanusUMM.from_pretrained(path)
 
 
 # every registered backend needs an entry (tests/gvu/test_backends.py fails for one without)
 TINY_BACKENDS = {"toy": _tiny_toy, "janus": _tiny_janus}
 TINY_PROMPTS = {"toy": ["a photo of a red circle", "two blue stars"], "janus": ["a photo of a red dog", "two cats"]}
+# (question, answer) pairs for answer_logprobs: caption prefixes (cloze) for the toy, free text with Ability.QUESTIONS
+_FREE_QUESTIONS = [
+    ("What color is the dog?", "red"), ("Is there a cat in the image?", "No"),
+    ("Does the image show a photo of a red dog? Answer Yes or No.", "Yes"), ("", "two cats"),
+]  # fmt: skip
+TINY_QUESTIONS = {
+    "toy": [("a photo of", "a red circle"), ("", "two blue stars"), ("a photo of a red", "circle"), ("a", "red")],
+    "janus": _FREE_QUESTIONS,
+    "xomni": _FREE_QUESTIONS,
+}
 
 
-XOMNI_WORDS = JANUS_WORDS + ["cats", "dogs"]
+XOMNI_WORDS = JANUS_WORDS + ["cats", "dogs"] + TEMPLATE_WORDS  # the 64 ids of the fixture, every one used
 # the ids of tests/fixtures/xomni_tiny (its README): pad 0, digits 10-19, ' ' 20, code k 64 + k, <SOM> 96 ...
 _XOMNI_LOW = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", "user", "assistant", "system", ".", ","]
 _CHATML = (

@@ -6,8 +6,8 @@
     python gvu/train.py --help                               # every config section and field
     python gvu/train.py ...                                  # one process, no launcher
 
-One step (docs/DESIGN.md, "One step"): prompts -> rollout (G images each) -> decode -> intrinsic reward ->
-advantages -> reference log-probs -> policy update (GRPO loss, backward, optimizer step) -> metrics.
+One step (docs/DESIGN.md, "One step"): prompts -> rollout (G images each) -> decode -> rewards (grpo.rewards, by
+name) -> advantages -> reference log-probs -> policy update (GRPO loss, backward, optimizer step) -> metrics.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import kernels
 from gvu import checkpoint, run_folder, validate
 from gvu import engine as E
 from gvu import preemption as P
+from gvu import rewards as R
 from gvu.config import Config, ConfigError, field_help
 from gvu.data import PromptSampler, load_prompt_sets
 from gvu.evaluate import evaluator_for, format_table, write_samples
 from gvu.grpo import grpo_loss
 from gvu.metrics import MetricsWriter, PhaseTimer, atomic_write_text, plot_curves, progress
 from gvu.models import adapter_disabled
-from gvu.reward import intrinsic_reward
 
 DEFAULT_CONFIG = "configs/toy.yaml"
 
@@ -86,9 +86,10 @@ def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank:
         image_tokens = backend.generate(model, prompts, G, cfg.sampling, generator=gen)  # (B*G, L_img)
     with timer("decode"):
         images = backend.decode(image_tokens)  # (B*G, H, W, 3) uint8
-    with timer("reward"), reward_teacher(model, cfg):
-        rewards = intrinsic_reward(backend, model, images, prompts.repeat_interleave(G), with_eos=g.reward_eos)
-    advantages = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
+    with timer("reward"), reward_teacher(model, cfg):  # {name: (B*G,)}, each row scored against its own prompt
+        row_metas = [m for m in metas for _ in range(G)]
+        scores = R.score(backend, model, images, image_tokens, prompts.repeat_interleave(G), row_metas, cfg)
+    advantages = R.advantages(scores, g)  # grpo.reward_mix
     with timer("ref_logprobs"), torch.no_grad():
         ref_logp = None
         if g.beta > 0:
@@ -96,7 +97,7 @@ def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank:
                 ref_logp = score_images(backend, model, prompts, image_tokens, cfg)
     model.train()
     losses = update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, cfg, timer)
-    return {**losses, **reward_metrics(rewards, G), "lr": engine.get_lr()[0]}, images
+    return {**losses, **R.metrics(scores, g), "lr": engine.get_lr()[0]}, images
 
 
 def reward_teacher(model, cfg: Config):
@@ -154,15 +155,6 @@ def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, 
             for key in ("kl", "clip_frac", "ratio"):
                 acc[key] += m[key].item() / k
     return acc
-
-
-def reward_metrics(rewards: torch.Tensor, G: int) -> dict[str, float]:
-    valid = rewards[~torch.isnan(rewards)]
-    return {
-        "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
-        "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
-        "reward/group_std": torch.nan_to_num(rewards.view(-1, G).std(1)).mean().item(),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- main

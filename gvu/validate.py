@@ -5,7 +5,8 @@
     load_checked(path, overrides, world) -> Config: the YAML + overrides' problems and check's, reported together
 
 It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
-options need, a model.memory_budget_gb too small for one row), the DeepSpeed JSON and its ZeRO stage, the per-rank
+options need, a model.memory_budget_gb too small for one row), grpo.rewards (their form and weights, registered
+names, what each needs of the backend and of the prompts' metadata), the DeepSpeed JSON and its ZeRO stage, the per-rank
 batch arithmetic, the prompt files (every line), the tags, and every prompt's words against a backend with a closed
 vocabulary. Field-level checks (ranges, choices) already ran when the config was loaded (gvu.config.load_config).
 """
@@ -39,11 +40,14 @@ def load_checked(path: str | Path | None, overrides: list[str], world: int = 1) 
 
 
 def backend_problems(cfg: Config) -> list[str]:
+    from gvu.rewards import entry_problems, reward_problems
+
+    rewards = entry_problems(cfg.grpo.rewards)
     try:
         backend = backend_class(cfg.model.backend)
     except ConfigError as e:
-        return e.problems
-    out = backend.check_config(cfg.model)
+        return e.problems + rewards
+    out = backend.check_config(cfg.model) + (rewards or reward_problems(cfg, backend))
     needs = []
     if cfg.grpo.reward_eos:
         needs.append(Ability.END_TOKEN)
@@ -113,6 +117,7 @@ def data_problems(cfg: Config) -> list[str]:
     out = []
     if not train:
         out.append("the training set is empty (data.prompts / data.train_tags)")
+    out += metadata_problems(cfg, train)
     try:
         backend = backend_class(cfg.model.backend)
     except ConfigError:
@@ -126,3 +131,18 @@ def data_problems(cfg: Config) -> list[str]:
             f"{cfg.model.backend!r}{more}: " + "; ".join(bad[:MAX_LISTED])
         )
     return out
+
+
+def metadata_problems(cfg: Config, train: list[dict]) -> list[str]:
+    """Rewards that read the GenEval metadata (qa, oracle) need an `include` list on every training prompt."""
+    from gvu.rewards import get_reward, reward_names
+
+    names = [e.get("name") for e in cfg.grpo.rewards if isinstance(e, dict)]
+    readers = [n for n in names if n in reward_names() and get_reward(n).metadata]
+    bare = [m["prompt"] for m in train if not m.get("include")]
+    if not readers or not bare:
+        return []
+    return [
+        f"grpo.rewards: {', '.join(readers)} read the prompts' GenEval metadata, but {len(bare)} training prompts have "
+        f"no 'include' list (e.g. {bare[0]!r}); give data.prompts GenEval-format lines with include"
+    ]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gvu.reward import intrinsic_reward  # noqa: E402
+from gvu.rewards import intrinsic_reward  # noqa: E402
 from gvu.rollout import SamplingConfig  # noqa: E402
 from gvu.toy import prompts as WP  # noqa: E402
 from gvu.toy import world as W  # noqa: E402

@@ -33,6 +33,7 @@ class Ability(str, enum.Enum):
     END_TOKEN = "end_token"  # prompt_logprobs(..., with_eos=True) also scores the caption's end token
     IMAGE_HEAD_UPDATE = "image_head_update"  # add_image_head_update(model): a trained update of the image head
     LORA_NARROWING = "lora_narrowing"  # lora_targets(names): peft target_modules limited to the language model
+    QUESTIONS = "questions"  # answer_logprobs reads free-text questions (else only caption-language prefixes)
 
 
 # the option that needs each ability, for the configuration check's message
@@ -40,6 +41,7 @@ ABILITY_OPTIONS = {
     Ability.CAPTION: "the shapes world's understanding evaluation (data.prompts=shapes)",
     Ability.END_TOKEN: "grpo.reward_eos=true",
     Ability.IMAGE_HEAD_UPDATE: "lora.image_head=factorised",
+    Ability.QUESTIONS: "grpo.rewards: yes_prob (a free-text question to the model's own understanding)",
 }
 ABILITY_METHODS = {
     Ability.CAPTION: "caption",
@@ -160,8 +162,11 @@ class AnswerRows:
         return out
 
 
-def answer_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, end: int | None = None) -> AnswerRows:
-    """prefix int64 (N, P) + the left-padded prompts (+ `end` after each) -> AnswerRows."""
+def answer_rows(
+    prefix: torch.Tensor, prompts: PromptBatch, pad: int, end: int | None = None, scored: torch.Tensor | None = None
+) -> AnswerRows:
+    """prefix int64 (N, P) + the left-padded prompts (+ `end` after each) -> AnswerRows. `scored` bool (N, Lp), a
+    subset of prompts.mask: score only those tokens (QuestionRows: the answer after its question); all by default."""
     dev = prompts.ids.device
     (n, Lp), P = prompts.ids.shape, prefix.shape[1]
     lens = prompts.mask.sum(1)
@@ -170,6 +175,8 @@ def answer_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, end: int |
     seq[:, :P] = prefix
     rows, cols = prompts.mask.nonzero(as_tuple=True)
     seq[rows, P + col[rows, cols]] = prompts.ids[rows, cols]
+    if scored is not None:
+        rows, cols = scored.nonzero(as_tuple=True)
     pos, targets = P - 1 + col[rows, cols], prompts.ids[rows, cols]
     if end is not None:
         ar = torch.arange(n, device=dev)
@@ -181,6 +188,42 @@ def answer_rows(prefix: torch.Tensor, prompts: PromptBatch, pad: int, end: int |
         )
         targets = torch.cat([targets, torch.full_like(ar, end)])
     return AnswerRows(seq, rows, pos, cols, targets, Lp + int(end is not None))
+
+
+@dataclass
+class QuestionRows:
+    """Each row's question tokens then its answer's, left-padded: ids int64 (N, L), mask bool (N, L) at real tokens,
+    scored bool (N, L) at the answer's tokens (each row's last ones). answer_rows places them like prompts, and
+    scores only `scored`; `answers(logp)` takes the answer's columns back out."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    scored: torch.Tensor
+    answer_mask: torch.Tensor  # bool (N, La): the answers as tokenize_prompts left-pads them
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, idx: slice) -> QuestionRows:
+        return QuestionRows(self.ids[idx], self.mask[idx], self.scored[idx], self.answer_mask[idx])
+
+    def answers(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (N, L) aligned with ids -> (logp fp32 (N, La), mask bool (N, La)) aligned with the answers."""
+        La = self.answer_mask.shape[1]
+        return logp[:, logp.shape[1] - La :] * self.answer_mask, self.answer_mask.clone()
+
+
+def question_rows(questions: list[list[int]], answers: PromptBatch, pad: int) -> QuestionRows:
+    """Question token lists (N rows, may be empty) + the answers' PromptBatch (N rows) -> QuestionRows."""
+    words = [row[m].tolist() for row, m in zip(answers.ids.cpu(), answers.mask.cpu(), strict=True)]
+    if len(questions) != len(words):
+        raise ValueError(f"{len(questions)} questions but {len(words)} answers; pass one answer per question")
+    ids, mask = left_pad([q + a for q, a in zip(questions, words, strict=True)], pad)
+    scored = torch.zeros_like(mask)
+    for i, a in enumerate(words):
+        scored[i, mask.shape[1] - len(a) :] = True
+    dev = answers.ids.device
+    return QuestionRows(ids.to(dev), mask.to(dev), scored.to(dev), answers.mask.clone())
 
 
 def scored_mask(prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
@@ -241,11 +284,24 @@ class UMMBackend(Protocol):
         (logp fp32 (N, Lp), mask bool (N, Lp)) aligned with prompts.ids; one batched teacher-forced pass, a row's
         values independent of its batch. `with_eos` (Ability.END_TOKEN) appends the end token's column (N, Lp+1)."""
 
-    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
-        """The rows `prompt_logprobs` scores, for a plain forward (baselines and tests)."""
+    def answer_logprobs(
+        self, model, images, questions: list[str], answers: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(answer_j | image, question, answer_<j) for uint8 images (N, H, W, 3) -> (logp fp32 (N, La), mask
+        bool (N, La)), the answers left-padded as tokenize_prompts(answers) pads them (0 at pads): each answer
+        teacher-forced after the understanding turn whose user text is its question (in place of the instruction;
+        without Ability.QUESTIONS a question is a caption prefix, "" none). One batched pass through the rows
+        prompt_logprobs uses (QuestionRows), a row's values independent of its batch."""
+
+    def understanding_inputs(self, images, prompts: PromptBatch, *, question: str | None = None) -> UnderstandingInputs:
+        """The rows `prompt_logprobs` scores, for a plain forward (baselines and tests); with `question`, the rows
+        answer_logprobs builds for that question, the prompts holding the answers."""
 
 
-REQUIRED = ("tokenize_prompts", "generate", "decode", "image_logprobs", "prompt_logprobs", "understanding_inputs")
+REQUIRED = (
+    "tokenize_prompts", "generate", "decode", "image_logprobs", "prompt_logprobs", "answer_logprobs",
+    "understanding_inputs",
+)  # fmt: skip
 REQUIRED_CLASSMETHODS = ("check_config", "check_prompts", "memory_shape", "load")
 
 

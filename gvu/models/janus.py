@@ -31,7 +31,16 @@ import torch
 
 import kernels
 from gvu.config import ConfigError
-from gvu.models.base import Ability, PromptBatch, UnderstandingInputs, left_pad, load_options, understanding_rows
+from gvu.models.base import (
+    Ability,
+    PromptBatch,
+    UnderstandingInputs,
+    answer_rows,
+    left_pad,
+    load_options,
+    question_rows,
+    understanding_rows,
+)
 from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
@@ -65,7 +74,7 @@ class JanusUMM:
     """Layout of a Janus-Pro UMM (tokenizer, chat format, image processing, a frozen VQ decoder); no LM weights."""
 
     name = "janus"
-    abilities = frozenset({Ability.LORA_NARROWING})
+    abilities = frozenset({Ability.LORA_NARROWING, Ability.QUESTIONS})
     user, assistant = "<|User|>:", "\n\n<|Assistant|>:"
 
     def __init__(
@@ -327,55 +336,51 @@ class JanusUMM:
         prompts.ids (left-padded); padded entries are 0.
 
         images: uint8 (N, H, W, 3) pixels. ONE teacher-forced pass per chunk of max_rows right-padded understanding
-        sequences (a row's values do not depend on its batch); the lm_head runs only at the states that predict
-        prompt tokens, through kernels.linear_token_logprobs. The final <eos> is not scored (geometric mean over the
-        prompt's own tokens, as the official GvU reward).
-        """
+        sequences (a row's values do not depend on its batch); lm_head only at the states that predict prompt tokens
+        (kernels.linear_token_logprobs). <eos> is not scored (the prompt's own tokens, as the official GvU reward)."""
         if with_eos:
             raise NotImplementedError("janus does not declare Ability.END_TOKEN: set grpo.reward_eos=false")
-        n = len(prompts)
+        return self._understanding(model, images, prompts, self._und_tail, prompts.mask), prompts.mask.clone()
+
+    def answer_logprobs(self, model, images, questions: list[str], answers: list[str]):
+        """log p(answer_j | image, question, answer_<j) -> (logp fp32 (N, La), mask bool (N, La)), answers left-padded:
+        the understanding turn with the question as the user text and the answer as the assistant's (one pass)."""
+        answers = self.tokenize_prompts(answers, next(unwrap(model).parameters()).device)
+        q = question_rows([[self.eoi] + self._tok(f"\n{t}{self.assistant}") for t in questions], answers, self.pad)
+        return q.answers(self._understanding(model, images, q, [], q.scored))  # each question's tail in its row
+
+    def _understanding(self, model, images, rows, tail: list[int], scored: torch.Tensor) -> torch.Tensor:
+        """fp32 (n, L) log-probs of rows' tokens (or of `scored`) after the image and `tail`, per chunk of rows."""
+        n = len(rows)
         if len(images) != n:
             raise ValueError(f"{len(images)} images but {n} prompts; pass one prompt per image")
-        logp = torch.zeros(prompts.ids.shape, dtype=torch.float32, device=prompts.ids.device)
-        S = len(self._und_head) + self.und_len + len(self._und_tail) + prompts.ids.shape[1]
-        step = self.rows.chunk("score", n, False, model, S)
-        for s in range(0, n, step):
-            logp[s : s + step] = self._prompt_logprobs_rows(model, images[s : s + step], prompts[s : s + step])
-        return logp, prompts.mask.clone()
+        logp = torch.zeros(rows.ids.shape, dtype=torch.float32, device=rows.ids.device)
+        step = self.rows.chunk("score", n, False, model, len(self._und_head) + self.und_len + len(tail) + logp.shape[1])
+        for sl in (slice(s, s + step) for s in range(0, n, step)):
+            logp[sl] = self._prompt_logprobs_rows(model, images[sl], rows[sl], tail, scored[sl])
+        return logp
 
-    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
+    def understanding_inputs(self, images, prompts: PromptBatch, *, question: str | None = None) -> UnderstandingInputs:
         """[bos] "<|User|>: " [boi] [image_placeholder] x und_len [eoi] tail prompt, right-padded, with the SigLIP
-        pixel_values, for `model(input_ids=..., pixel_values=...)`."""
-        pre = self._und_head + [self.image_token] * self.und_len + self._und_tail
-        prefix = torch.tensor(pre).expand(len(prompts), -1)
-        return understanding_rows(
-            prefix, prompts, self.pad, pixel_values=self.pixel_values(images, "cpu", torch.float32)
-        )
+        pixel_values, for `model(input_ids=..., pixel_values=...)`; with `question` its tail (answer_logprobs)."""
+        tail = self._und_tail if question is None else [self.eoi] + self._tok(f"\n{question}{self.assistant}")
+        prefix = torch.tensor(self._und_head + [self.image_token] * self.und_len + tail).expand(len(prompts), -1)
+        pix = self.pixel_values(images, "cpu", torch.float32)
+        return understanding_rows(prefix, prompts, self.pad, pixel_values=pix)
 
-    def _prompt_logprobs_rows(self, model, images, prompts: PromptBatch) -> torch.Tensor:
-        lm, body = self._parts(model)
-        dev = prompts.ids.device
+    def _prompt_logprobs_rows(self, model, images, prompts, tail: list[int], scored: torch.Tensor) -> torch.Tensor:
+        """[bos] head [boi] SigLIP features, then answer_rows(tail, prompts) embedded -> fp32 (n, Lp) (AnswerRows)."""
+        (lm, body), dev, n = self._parts(model), prompts.ids.device, len(prompts)
         embed = lm.get_input_embeddings()
-        n, Lp = prompts.ids.shape
         head = torch.tensor(self._und_head, device=dev).expand(n, -1)
-        tail = torch.tensor(self._und_tail, device=dev)
-        lens = prompts.mask.sum(1)
-        # column j of the left-padded answer sits at T + j - pads in the right-padded text after the image
-        T = tail.numel()
-        col = torch.arange(Lp, device=dev).unsqueeze(0) - (Lp - lens).unsqueeze(1)
-        post = torch.full((n, T + Lp), self.pad, dtype=torch.long, device=dev)
-        post[:, :T] = tail
-        rows, cols = prompts.mask.nonzero(as_tuple=True)
-        post[rows, T + col[rows, cols]] = prompts.ids[rows, cols]
+        tail = torch.tensor(tail, dtype=torch.long, device=dev).expand(n, -1)
+        a = answer_rows(tail, prompts, self.pad, scored=scored)
         pix = self.pixel_values(images, dev, embed.weight.dtype)
         feats = lm.model.get_image_features(pixel_values=pix).pooler_output  # (n, und_len, D)
-        emb = torch.cat([embed(head), feats.to(embed.weight.dtype), embed(post)], 1)
+        emb = torch.cat([embed(head), feats.to(embed.weight.dtype), embed(a.seq)], 1)
         h = body(inputs_embeds=emb).last_hidden_state  # right padding: causal attention never sees the pads
-        start = head.shape[1] + self.und_len + T  # index of the first answer token
-        hs = h[rows, start - 1 + col[rows, cols]]
+        hs = h[a.rows, head.shape[1] + self.und_len + a.pos]
         out = lm.get_output_embeddings()
         with gathered(out.weight):
-            lp = kernels.linear_token_logprobs(hs, out.weight, prompts.ids[rows, cols], bias=out.bias)
-        logp = torch.zeros((n, Lp), dtype=torch.float32, device=dev)
-        logp[rows, cols] = lp.float()
-        return logp
+            lp = kernels.linear_token_logprobs(hs, out.weight, a.targets, bias=out.bias)
+        return a.scatter(lp)

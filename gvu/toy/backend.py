@@ -32,6 +32,7 @@ from gvu.models.base import (
     UnderstandingInputs,
     answer_rows,
     left_pad,
+    question_rows,
     scored_mask,
     understanding_rows,
 )
@@ -47,7 +48,7 @@ class ToyUMM:
     """Layout of the toy UMM (tokenizer, sequence formats, renderer); holds no weights."""
 
     name = "toy"
-    abilities = frozenset({Ability.CAPTION, Ability.END_TOKEN, Ability.IMAGE_HEAD_UPDATE})
+    abilities = frozenset({Ability.CAPTION, Ability.END_TOKEN, Ability.IMAGE_HEAD_UPDATE})  # no QUESTIONS
 
     row = W.GRID
     image_len = W.IMAGE_LEN  # codes per image, without <eor>
@@ -351,17 +352,36 @@ class ToyUMM:
         )  # fmt: skip
         return logp, scored_mask(prompts, with_eos)
 
-    def _prompt_logprobs_rows(self, model, codes, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+    def _prompt_logprobs_rows(self, model, codes, prompts: PromptBatch, with_eos: bool, scored=None) -> torch.Tensor:
         body, head = backbone_and_head(model)
-        a = answer_rows(self._understanding_prefix(codes), prompts, self.pad, self.eos if with_eos else None)
+        end = self.eos if with_eos else None
+        a = answer_rows(self._understanding_prefix(codes), prompts, self.pad, end, scored)
         h = body(input_ids=a.seq).last_hidden_state
         with gathered(head.weight):
             lp = kernels.linear_token_logprobs(h[a.rows, a.pos], head.weight, a.targets, bias=head.bias)
         return a.scatter(lp)
 
-    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
-        """[bos][boi] image [eoi][describe] prompt, right-padded, for `model(input_ids=...)`."""
-        return understanding_rows(self._understanding_prefix(self.encode(images)), prompts, self.pad)
+    def answer_logprobs(self, model, images, questions: list[str], answers: list[str]):
+        """log p(answer_j | image, question, answer_<j) -> (logp fp32 (N, La), mask bool (N, La)), answers left-padded.
+        Pretrained on captions only (no Ability.QUESTIONS), the toy reads a question as a caption prefix after
+        [describe] ("a photo of"; "" none), the answer as the words that follow: a cloze, in prompt_logprobs' pass."""
+        dev = next(unwrap(model).parameters()).device
+        q = question_rows(
+            [self.encode_text(t) if t.split() else [] for t in questions], self.tokenize_prompts(answers, dev), self.pad
+        )
+        codes = self.encode(images).to(dev)
+        if codes.shape[0] != len(q):
+            raise ValueError(f"{codes.shape[0]} images but {len(q)} questions; pass one question per image")
+        step = self.rows.chunk("score", len(q), False, model, self.layout_len + 4 + q.ids.shape[1])
+        rows = [self._prompt_logprobs_rows(model, codes[s : s + step], q[s : s + step], False, q.scored[s : s + step])
+                for s in range(0, len(q), step)]  # fmt: skip
+        return q.answers(torch.cat(rows))
+
+    def understanding_inputs(self, images, prompts: PromptBatch, *, question: str | None = None) -> UnderstandingInputs:
+        """[bos][boi] image [eoi][describe] (question) prompt, right-padded, for `model(input_ids=...)`."""
+        prefix = self._understanding_prefix(self.encode(images))
+        q = torch.tensor(self.encode_text(question) if question and question.split() else [], dtype=torch.long)
+        return understanding_rows(torch.cat([prefix, q.expand(prefix.shape[0], -1)], 1), prompts, self.pad)
 
     def caption(self, model, images, greedy: bool = True, max_words: int = 16, generator=None) -> list[str]:
         """Understanding writing a prompt for each image: uint8 (N, 96, 96, 3) -> N strings (gvu/toy/caption.py)."""

@@ -6,7 +6,7 @@ import torch
 
 from gvu.config import ConfigError, SamplingConfig, load_config
 from gvu.models import Ability, backend_class, backend_names, contract_problems, policy_updates, register_backend
-from gvu.testing import TINY_BACKENDS, TINY_PROMPTS, tiny_backend
+from gvu.testing import TINY_BACKENDS, TINY_PROMPTS, TINY_QUESTIONS, tiny_backend
 
 G = 2
 
@@ -69,6 +69,33 @@ def test_prompt_logprobs_equal_a_plain_forward_of_understanding_inputs(tiny):
         torch.testing.assert_close(logp[i][mask[i]].double(), plain[i][u.mask[i]], rtol=1e-4, atol=1e-5)
 
 
+def test_answer_logprobs_equal_a_plain_forward_row_by_row_and_do_not_depend_on_the_batch(tiny):
+    """answer_logprobs (one pass, head only at the answers' positions) against the full-vocabulary softmax of a plain
+    forward of understanding_inputs(question=...), row by row; each row alone gives the same values."""
+    name, backend, model, p = tiny
+    assert name in TINY_QUESTIONS, f"backend {name!r} has no (question, answer) pairs in gvu.testing.TINY_QUESTIONS"
+    questions, answers = map(list, zip(*TINY_QUESTIONS[name], strict=True))
+    images = backend.decode(backend.generate(model, p, G, SamplingConfig(greedy=True)))[: len(questions)]
+    with torch.no_grad():
+        logp, mask = backend.answer_logprobs(model, images, questions, answers)
+    want = backend.tokenize_prompts(answers)
+    assert logp.dtype == torch.float32 and mask.dtype == torch.bool and torch.equal(mask, want.mask)
+    assert bool((logp[~mask] == 0).all()) and bool((logp[mask] < 0).all())
+    for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        u = backend.understanding_inputs(images[i : i + 1], want[i], question=q)
+        P = u.input_ids.shape[1] - u.targets.shape[1]
+        with torch.no_grad():
+            logits = model(input_ids=u.input_ids, **u.forward_kwargs).logits.double()
+            alone, m1 = backend.answer_logprobs(model, images[i : i + 1], [q], [a])
+        plain = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, u.targets.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(logp[i][mask[i]].double(), plain[0][u.mask[0]], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alone[0][m1[0]], logp[i][mask[i]], rtol=1e-5, atol=1e-6)
+    # the question matters: the same answer after another question is scored differently
+    with torch.no_grad():
+        other, _ = backend.answer_logprobs(model, images[:1], [questions[1]], [answers[0]])
+    assert not torch.allclose(other[0][mask[0][-other.shape[1] :]], logp[0][mask[0]])
+
+
 def test_declared_abilities_work_and_undeclared_ones_are_refused_by_the_config_check(tiny, tmp_path):
     from gvu import validate
 
@@ -89,7 +116,11 @@ def test_declared_abilities_work_and_undeclared_ones_are_refused_by_the_config_c
         backend.add_image_head_update(peft)
         assert policy_updates(peft)
     # the options that need a missing ability fail the one config check, naming the backend and the option
-    options = {Ability.END_TOKEN: "--grpo.reward_eos=true", Ability.IMAGE_HEAD_UPDATE: "--lora.image_head=factorised"}
+    options = {
+        Ability.END_TOKEN: "--grpo.reward_eos=true",
+        Ability.IMAGE_HEAD_UPDATE: "--lora.image_head=factorised",
+        Ability.QUESTIONS: "--grpo.rewards=[{name: yes_prob, weight: 1.0}]",
+    }
     for ability, option in options.items():
         if ability not in backend.abilities:
             cfg = load_config(None, [f"--model.backend={name}", option])

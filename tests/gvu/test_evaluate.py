@@ -102,3 +102,64 @@ def test_format_table_paired_and_single(metas):
     table = format_table(before, after)
     assert "overall" in table and "color_position" in table and "+0.5" in table
     assert "overall" in format_table(before)
+
+
+class _Logits(torch.nn.Module):
+    """A stand-in understanding: logits favour the given token at each position (`favour[i][pos] = token id`)."""
+
+    def __init__(self, vocab: int, favour: list[dict]):
+        super().__init__()
+        self.w, self.vocab, self.favour = torch.nn.Parameter(torch.zeros(1)), vocab, favour
+
+    def forward(self, input_ids, **kw):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for i, f in enumerate(self.favour):
+            for pos, tok in f.items():
+                logits[i, pos, tok] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_imbalance_counts_correct_images_misread_and_wrong_images_read_as_matching():
+    from gvu.toy.evaluator import choices, format_imbalance, imbalance, read_as_matching, reading_counts
+
+    backend = ToyUMM()
+    meta = WP.make_meta("colors", [{"class": "star", "count": 1, "color": "red"}])
+    assert choices(meta) == [("a photo of a", list(W.COLORS), W.COLORS.index("red")),
+                             ("a photo of a red", list(W.SHAPES), W.SHAPES.index("star"))]  # fmt: skip
+    rng = random.Random(0)
+    right = W.sample_scene(meta, rng)
+    wrong = W.sample_scene(WP.make_meta("colors", [{"class": "star", "count": 1, "color": "blue"}]), rng)
+    images = W.render(np.stack([right, right, wrong, wrong]))
+    # each row's understanding answers "red" or "blue" at the colour slot and "star" at the shape slot
+    u = backend.understanding_inputs(images, backend.tokenize_prompts([meta["prompt"]] * 4))
+    P = u.input_ids.shape[1] - u.targets.shape[1]
+    red, blue, star = (backend.encode_text(w)[0] for w in ("red", "blue", "star"))
+    says = ["red", "blue", "blue", "red"]  # read right, misread, read right, read as matching although wrong
+    model = _Logits(backend.vocab_size, [{P - 1 + 4: red if s == "red" else blue, P - 1 + 5: star} for s in says])
+    read = read_as_matching(backend, model, [meta] * 4, images)
+    assert read == [True, False, False, True]
+    correct = [float(W.evaluate(meta, im)) for im in images]
+    assert correct == [1.0, 1.0, 0.0, 0.0]
+    counts = reading_counts(correct, read)
+    assert counts == (2, 1, 2, 1)
+    other = WP.make_meta("single_object", [{"class": "circle", "count": 1}])
+    result = imbalance([meta, other], [counts, (3, 0, 0, 0)])
+    assert result["per_tag"]["colors"] == {"correct_misread": 0.5, "wrong_read_ok": 0.5, "n_correct": 2, "n_wrong": 2}
+    assert result["per_tag"]["single_object"]["wrong_read_ok"] is None  # no wrong image: no fraction
+    assert result["overall"] == {"correct_misread": 0.2, "wrong_read_ok": 0.5, "n_correct": 5, "n_wrong": 2}
+    assert "0.200 of 5" in format_imbalance(result)
+
+
+def test_the_shapes_evaluation_reports_the_imbalance(tmp_path):
+    from gvu.config import load_config
+    from gvu.toy.evaluator import ShapesEvaluator
+
+    backend, model = ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    _, evals = WP.make_prompt_sets(0)
+    metas = evals[::40][:4]
+    cfg = load_config(None, ["--train.eval_samples=2"])
+    res = ShapesEvaluator().evaluate(backend, model.eval(), metas, cfg, 0, 1)
+    imb = res["imbalance"]
+    assert imb["overall"]["n_correct"] + imb["overall"]["n_wrong"] == 8
+    assert set(imb["per_tag"]) == {m["tag"] for m in metas}
+    assert "imbalance" in ShapesEvaluator().summary("base", res)

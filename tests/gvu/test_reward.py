@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gvu.reward import geometric_mean_reward, intrinsic_reward
+from gvu.rewards import geometric_mean_reward, intrinsic_reward
 from gvu.toy import prompts as WP
 from gvu.toy import world as W
 from gvu.toy.backend import ToyUMM

@@ -110,7 +110,7 @@ def tiny_pixels(tmp_path_factory):
 
 
 def test_pixel_path_decodes_reencodes_and_scores_batch_independently(tiny_pixels):
-    from gvu.reward import intrinsic_reward
+    from gvu.rewards import intrinsic_reward
 
     _, backend, model = tiny_pixels
     assert backend.reward_path == "pixels" and type(backend.codec).__name__ == "PixelCodec"

@@ -39,6 +39,7 @@ from gvu.models.base import (
     answer_rows,
     left_pad,
     load_options,
+    question_rows,
     scored_mask,
     understanding_rows,
 )
@@ -57,7 +58,7 @@ class XOmniUMM:
     """Layout of an X-Omni UMM (tokenizer, sequence formats, code grid); holds no weights."""
 
     name = "xomni"
-    abilities = frozenset({Ability.END_TOKEN, Ability.LORA_NARROWING})
+    abilities = frozenset({Ability.END_TOKEN, Ability.LORA_NARROWING, Ability.QUESTIONS})
 
     def __init__(
         self,
@@ -99,11 +100,13 @@ class XOmniUMM:
         self._und = {}
         self._und_parts(self.hw)
 
-    def _und_parts(self, hw: tuple[int, int]) -> tuple[list[int], list[int]]:
-        """The understanding turn's ids before and after the codes of an H x W image (cached per grid)."""
-        if hw not in self._und:
+    def _und_parts(self, hw: tuple[int, int], question: str | None = None) -> tuple[list[int], list[int]]:
+        """The understanding turn's ids before and after the codes of an H x W image, the user text `question`
+        (default: the instruction, cached per grid)."""
+        if question is not None or hw not in self._und:
+            text = self.instruction if question is None else question
             chat = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{SOM}{hw[0]} {hw[1]}{IMAGE}{EOM}\n{self.instruction}"}],
+                [{"role": "user", "content": f"{SOM}{hw[0]} {hw[1]}{IMAGE}{EOM}\n{text}"}],
                 add_generation_prompt=True,
                 tokenize=False,
             )
@@ -111,6 +114,8 @@ class XOmniUMM:
             if ids.count(self.image) != 1:
                 raise ValueError(f"the chat template's user turn holds {ids.count(self.image)} {IMAGE} tokens, not 1")
             cut = ids.index(self.image) + 1
+            if question is not None:
+                return ids[:cut], ids[cut:]
             self._und[hw] = ids[:cut], ids[cut:]  # the codes go between <IMAGE> and <EOM>
         return self._und[hw]
 
@@ -320,11 +325,11 @@ class XOmniUMM:
 
     # ------------------------------------------------------------------------------------ understanding
 
-    def understanding_prefix(self, codes: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def understanding_prefix(self, codes: torch.Tensor, hw=None, question: str | None = None) -> torch.Tensor:
         """Codes (N, h*w) of an h x w grid (default: the generation grid) -> the understanding turn up to the
-        generation prompt, int64 (N, P)."""
+        generation prompt, int64 (N, P); `question`: the user text in place of the instruction."""
         n, dev = codes.shape[0], codes.device
-        head, tail = self._und_parts(hw or self.hw)
+        head, tail = self._und_parts(hw or self.hw, question)
         head = torch.tensor(head, device=dev).expand(n, -1)
         tail = torch.tensor(tail, device=dev).expand(n, -1)
         return torch.cat([head, codes.long() + self.offset, tail], 1)
@@ -344,20 +349,36 @@ class XOmniUMM:
             raise ValueError(f"{codes.shape[0]} images but {n} prompts; pass one prompt per image")
         head, tail = self._und_parts(hw)
         step = self.rows.chunk("score", n, False, model, len(head) + codes.shape[1] + len(tail) + prompts.ids.shape[1])
-        parts = [
-            self._prompt_logprobs_rows(model, codes[s : s + step], hw, prompts[s : s + step], with_eos)
-            for s in range(0, n, step)
-        ]
+        end, prefix = self.end if with_eos else None, self.understanding_prefix(codes, hw)
+        parts = [self._prompt_logprobs_rows(model, prefix[s : s + step], prompts[s : s + step], end)
+                 for s in range(0, n, step)]  # fmt: skip
         return torch.cat(parts), scored_mask(prompts, with_eos)
 
-    def _prompt_logprobs_rows(self, model, codes, hw, prompts: PromptBatch, with_eos: bool) -> torch.Tensor:
+    def answer_logprobs(self, model, images, questions: list[str], answers: list[str]):
+        """log p(answer_j | image, question, answer_<j) -> (logp fp32 (N, La), mask bool (N, La)), answers left-padded:
+        the ChatML user turn with the question in place of the instruction, the answer the assistant's; the rows
+        and the one text-mode pass are prompt_logprobs', each question's tail in its row (not scored)."""
+        codes, hw = self.codec.encode(images)
+        head, dev = self._und_parts(hw)[0], next(unwrap(model).parameters()).device
+        turns = [self._und_parts(hw, t) for t in questions]
+        if any(h != head for h, _ in turns):
+            raise ValueError("the chat template's turn before the image depends on the question; it must not")
+        q = question_rows([t for _, t in turns], self.tokenize_prompts(answers, dev), self.pad)
+        prefix = torch.cat([torch.tensor(head, device=dev).expand(len(q), -1), codes.to(dev).long() + self.offset], 1)
+        step = self.rows.chunk("score", len(q), False, model, prefix.shape[1] + q.ids.shape[1])
+        rows = [self._prompt_logprobs_rows(model, prefix[sl], q[sl], None, q.scored[sl])
+                for sl in (slice(s, s + step) for s in range(0, len(q), step))]  # fmt: skip
+        return q.answers(torch.cat(rows))
+
+    def _prompt_logprobs_rows(self, model, prefix, prompts, end: int | None, scored=None) -> torch.Tensor:
         lm = unwrap(model)
-        a = answer_rows(self.understanding_prefix(codes, hw), prompts, self.pad, self.end if with_eos else None)
+        a = answer_rows(prefix, prompts, self.pad, end, scored)
         h = lm.model(input_ids=a.seq).last_hidden_state
         with gathered(lm.lm_head.weight):
             return a.scatter(kernels.linear_token_logprobs(h[a.rows, a.pos], lm.lm_head.weight, a.targets))
 
-    def understanding_inputs(self, images, prompts: PromptBatch) -> UnderstandingInputs:
-        """The understanding turn then the prompt, right-padded, for `model(input_ids=...)` in text mode."""
+    def understanding_inputs(self, images, prompts: PromptBatch, *, question: str | None = None) -> UnderstandingInputs:
+        """The understanding turn (with `question` as the user text) then the prompt, right-padded, for
+        `model(input_ids=...)` in text mode."""
         codes, hw = self.codec.encode(images)
-        return understanding_rows(self.understanding_prefix(codes.cpu(), hw), prompts, self.pad)
+        return understanding_rows(self.understanding_prefix(codes.cpu(), hw, question), prompts, self.pad)

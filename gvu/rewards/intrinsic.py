@@ -1,4 +1,5 @@
-"""The intrinsic reward: how likely the model's own understanding finds the prompt given the generated image.
+"""The `gvu` reward (GvU's intrinsic reward): how likely the model's own understanding finds the prompt given the
+generated image.
 
     R(I, T) = exp( (1/L) * sum_j log p(T_j | instruction, I, T_<j) )      (geometric mean over prompt tokens)
 
@@ -9,6 +10,8 @@ only at prompt positions (kernels.linear_token_logprobs); this module turns thos
 from __future__ import annotations
 
 import torch
+
+from gvu.rewards.registry import register_reward
 
 
 def geometric_mean_reward(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,3 +38,9 @@ def intrinsic_reward(backend, model, images, prompts, *, with_eos: bool = False)
     """
     logp, mask = backend.prompt_logprobs(model, images, prompts, with_eos=with_eos)
     return geometric_mean_reward(logp, mask)
+
+
+@register_reward("gvu")
+def gvu_reward(backend, model, images, codes, prompts, metas, cfg) -> torch.Tensor:
+    """GvU's intrinsic reward R(I, T) of each image for its own prompt (grpo.reward_eos: the end token too)."""
+    return intrinsic_reward(backend, model, images, prompts, with_eos=cfg.grpo.reward_eos)
