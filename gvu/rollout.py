@@ -85,8 +85,10 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         n, h, _, d = key_states.shape
-        self.k_buf = key_states.new_empty((n, h, self.capacity, d))
-        self.v_buf = value_states.new_empty((n, h, self.capacity, value_states.shape[-1]))
+        # zeros, not empty: the fixed-shape step reads the whole buffer, and a masked score is still q.k (+ -inf),
+        # which uninitialised memory can make NaN
+        self.k_buf = key_states.new_zeros((n, h, self.capacity, d))
+        self.v_buf = value_states.new_zeros((n, h, self.capacity, value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
