@@ -49,8 +49,10 @@ def test_reward_bench_quick(tmp_path, model):
     out = tmp_path / "reward.csv"
     load_bench("reward").run(["--quick", "--model", model, "--out", str(out)])  # asserts the three rewards agree
     got = read(out)
-    assert len(got) == 3 and {r["impl"] for r in got} == {"ours", "eager_full", "official"}
+    assert len(got) == 4 and {r["impl"] for r in got} == {"ours", "eager_full", "official", "body_forward"}
     assert all(float(r["max_rel_diff_vs_ours"]) < 1e-4 and float(r["ms_per_image"]) > 0 for r in got)
+    floor = next(r for r in got if r["impl"] == "body_forward")
+    assert float(floor["vs_body_forward"]) == 1.0 and float(floor["extra_mib_vs_body"]) == 0.0
     assert all(r["model"].startswith("janus_tiny") == (model == "janus") for r in got)
 
 
@@ -62,7 +64,7 @@ def test_janus_rows_keep_the_existing_csv_header(tmp_path):
     header = out.read_text().splitlines()[0]
     bench.run(["--quick", "--model", "janus", "--sizes", "2", "--out", str(out)])
     assert out.read_text().splitlines()[0] == header
-    assert [r["model"].startswith("janus_tiny") for r in read(out)] == [False] * 3 + [True] * 3
+    assert [r["model"].startswith("janus_tiny") for r in read(out)] == [False] * 4 + [True] * 4
 
 
 def test_step_bench_quick(tmp_path):

@@ -374,7 +374,7 @@ def test_geneval_export_writes_the_code_renderings(tiny, tmp_path):
 
 BENCH_IMPLS = {
     "rollout": {"ours", "hf_generate"},
-    "reward": {"ours", "eager_full", "official"},
+    "reward": {"ours", "eager_full", "official", "body_forward"},
     "xomni_reward_paths": {"tokens", "pixels"},
 }
 
