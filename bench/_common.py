@@ -243,10 +243,15 @@ def load_janus(seed: int = JANUS_TINY_SEED, real_layout: bool = False, shapes: s
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in bench output
     shapes = shapes or ("real" if real_layout else "tiny")
     if shapes == "1b":
+        import importlib.util
+
         dtype = dtype or torch.bfloat16
-        adapter, model = build_janus(janus_tiny_words(), seed, "1b", device=device, dtype=dtype)
+        # flash-attn when installed (what the Janus configs ask for), else SDPA
+        flash = str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+        attn = "flash_attention_2" if flash else "sdpa"
+        adapter, model = build_janus(janus_tiny_words(), seed, "1b", device=device, dtype=dtype, attn=attn)
         adapter.vq.to(device)
-        return adapter, model, f"janus_pro_1b_shapes-random(seed={seed}, {str(dtype).replace('torch.', '')})"
+        return adapter, model, f"janus_pro_1b_shapes-random(seed={seed}, {str(dtype).replace('torch.', '')}, {attn})"
     with tempfile.TemporaryDirectory(prefix="gvu_bench_janus_") as tmp:
         path = make_tiny_janus(str(Path(tmp) / "ckpt"), janus_tiny_words(), seed=seed, real_layout=shapes == "real")
         adapter, model = JanusUMM.from_pretrained(path)

@@ -105,10 +105,12 @@ def _janus_layout_config(vocab_size: int, image_token_id: int, hidden: int, laye
     )  # fmt: skip
 
 
-def build_janus(words: list[str], seed: int = 0, layout: str = "tiny", device=None, dtype=torch.float32):
+def build_janus(
+    words: list[str], seed: int = 0, layout: str = "tiny", device=None, dtype=torch.float32, attn: str = "sdpa"
+):
     """(JanusUMM adapter, random eval-mode JanusForConditionalGeneration) in memory; layout "tiny"
     (tiny_janus_config), "real" (Janus-Pro's layout, small body) or "1b" (Janus-Pro-1B's shapes), the weights
-    initialised on `device` in `dtype`."""
+    initialised on `device` in `dtype`, attention `attn` (sdpa, eager, flash_attention_2)."""
     from transformers import GenerationConfig, JanusForConditionalGeneration
 
     tok = tiny_janus_tokenizer(words)
@@ -116,7 +118,7 @@ def build_janus(words: list[str], seed: int = 0, layout: str = "tiny", device=No
     cfg = build(len(tok), tok.convert_tokens_to_ids(IMAGE))
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
-        model = JanusForConditionalGeneration(cfg).to(dtype).eval()
+        model = JanusForConditionalGeneration._from_config(cfg, attn_implementation=attn).to(dtype).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
