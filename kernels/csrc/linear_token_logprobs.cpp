@@ -122,6 +122,7 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   at::Tensor sums = expected ? at::empty({two ? 2 * C : C, D}, weight.options()) : at::Tensor();
   // Per-row coefficients for rows_backward: g_logp = -T gives p - onehot, g_ent = -T gives p (log p + H).
   const at::Tensor minus_t = at::full({C}, -temperature, opts);
+  at::Tensor stats = expected ? at::empty({C, 2}, opts) : at::Tensor();
   constexpr int64_t kNoIgnore = std::numeric_limits<int64_t>::min();
   const DType dt = dtype_of(weight);
   const float inv_t = static_cast<float>(1.0 / temperature);
@@ -130,15 +131,16 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
     at::Tensor L = buf.narrow(0, 0, n);
     chunk_logits(L, h.narrow(0, r0, n), weight, bias);
     const int64_t* tr = t.data_ptr<int64_t>() + r0;
+    float* st = expected ? stats.data_ptr<float>() : nullptr;  // this chunk's (m, log s)
     rows_forward(L.data_ptr(), dt, V, n, V, tr, ignore_index, inv_t, lp.data_ptr<float>() + r0,
-                 ls.data_ptr<float>() + r0, return_entropy ? en.data_ptr<float>() + r0 : nullptr);
+                 ls.data_ptr<float>() + r0, return_entropy ? en.data_ptr<float>() + r0 : nullptr, st);
     if (!expected) continue;
     const float* mt = minus_t.data_ptr<float>();
     if (two)  // first, while the logits are intact: p (log p + H) into rows [n, 2n)
       rows_backward(L.data_ptr(), dt, V, buf.narrow(0, n, n).data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, nullptr,
-                    nullptr, mt, ls.data_ptr<float>() + r0, en.data_ptr<float>() + r0);
-    rows_backward(L.data_ptr(), dt, V, L.data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, mt, nullptr, nullptr,
-                  ls.data_ptr<float>() + r0, nullptr);  // p - onehot, in place
+                    nullptr, mt, st, en.data_ptr<float>() + r0);
+    rows_backward(L.data_ptr(), dt, V, L.data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, mt, nullptr, nullptr, st,
+                  nullptr);  // p - onehot, in place
     at::Tensor S = sums.narrow(0, 0, two ? 2 * n : n);
     at::mm_out(S, buf.narrow(0, 0, two ? 2 * n : n), weight);
     cen.narrow(0, r0, n).copy_(S.narrow(0, 0, n));
@@ -209,7 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     return take(g->to(at::kFloat).reshape({N}), rows).contiguous();
   };
   const at::Tensor gl = kept_f32(grad_logp), gs = kept_f32(grad_lse), ge = kept_f32(grad_entropy);
-  const at::Tensor lse = take(lse_in.to(at::kFloat), rows).contiguous();
+  // (m, log s) = (lse, 0): only lse is saved, so p = exp(z - lse) here (1e-3 relative error in p at |z| ~ 2e4,
+  // far below what a bf16 GEMM's logits carry; the token op saves the exact pair).
+  const at::Tensor lse = take(lse_in.to(at::kFloat), rows);
+  const at::Tensor stats = at::stack({lse, at::zeros_like(lse)}, 1).contiguous();
   const at::Tensor ent = ge.defined() ? take(entropy_in.to(at::kFloat), rows).contiguous() : at::Tensor();
   const at::Tensor h = take(hidden, rows);
   const at::Tensor hw = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type()).contiguous();
@@ -266,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
       at::Tensor G32 = split_w ? g32.narrow(0, 0, m).narrow(1, 0, vb) : G;
       rows_backward(G.data_ptr(), dt, G.stride(0), G32.data_ptr(), split_w ? DType::F32 : dt, G32.stride(0), m, vb,
                     tshift.data_ptr<int64_t>() + r0, kNoIgnore, inv_t, ptr(gl, r0), ptr(gs, r0), ptr(ge, r0),
-                    lse.data_ptr<float>() + r0, ptr(ent, r0));
+                    stats.data_ptr<float>() + 2 * r0, ptr(ent, r0));
       if (split_w && need_h) G.copy_(G32);
       if (need_h) {
         at::Tensor acc = dH32.narrow(0, r0, m);

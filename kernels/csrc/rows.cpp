@@ -65,6 +65,14 @@ int64_t pieces_per_row(int64_t N, int64_t V, int nt) {
   return std::max<int64_t>(1, std::min<int64_t>(want, V / kMinSpan));
 }
 
+// z_i - m for one element, as the SIMD loops form it: they compute x * inv_t - m with one FMA (the AVX2 / AVX-512
+// clones), i.e. from the exact product. A double product of two floats is exact, so this matches them to the
+// final rounding; a float z_t = x * inv_t here instead put ulp(z) / 2 between the target's term and the rest of
+// its row (5e-7 relative in p at |z| ~ 9).
+double z_minus_m(const void* row, DType dt, int64_t i, float inv_t, float m) {
+  return static_cast<double>(load_one(row, dt, i)) * inv_t - m;
+}
+
 const char* row_ptr(const void* base, DType dt, int64_t stride, int64_t r) {
   return static_cast<const char*>(base) + static_cast<size_t>(r) * static_cast<size_t>(stride) * elem_size(dt);
 }
@@ -111,7 +119,7 @@ void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_inde
 }
 
 void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
-                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent) {
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent, float* stats) {
   if (N <= 0) return;
   const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
@@ -134,22 +142,27 @@ void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_
       logp[r] = 0.0f;
       lse[r] = 0.0f;
       if (want_t) ent[r] = 0.0f;
+      if (stats) stats[2 * r] = stats[2 * r + 1] = 0.0f;
       continue;
     }
     SpanStats st = part[r * P];
     for (int64_t j = 1; j < P; ++j) merge_stats(st, part[r * P + j]);
     const double log_s = std::log(st.s);
-    const double l = static_cast<double>(st.m) + log_s;
-    const float zt = load_one(row_ptr(x, dt, row_stride, r), dt, tgt[r]) * inv_t;
-    lse[r] = static_cast<float>(l);
-    logp[r] = static_cast<float>(static_cast<double>(zt) - l);
+    lse[r] = static_cast<float>(static_cast<double>(st.m) + log_s);
+    // log p <= 0: the exact product can sit an ulp above m where the row's sum of exp rounded to 1 (V = 1).
+    const double lp = z_minus_m(row_ptr(x, dt, row_stride, r), dt, tgt[r], inv_t, st.m) - log_s;
+    logp[r] = static_cast<float>(std::min(lp, 0.0));
+    if (stats) {
+      stats[2 * r] = st.m;
+      stats[2 * r + 1] = static_cast<float>(log_s);
+    }
     if (want_t) ent[r] = static_cast<float>(log_s - st.t / st.s);
   }
 }
 
 void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
-                   const float* g_lse, const float* g_ent, const float* lse, const float* ent) {
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent) {
   if (N <= 0) return;
   const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
@@ -171,12 +184,13 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
     const float c1 = g_ent ? g_ent[r] : 0.0f;
     const float h = g_ent ? ent[r] : 0.0f;
     const char* xrow = row_ptr(x, dt, row_stride, r);
+    const float m = stats[2 * r], log_s = stats[2 * r + 1];
     // Read the target logit before the span is overwritten (in place when out aliases x).
-    const float zt = (t >= lo && t < hi) ? load_one(xrow, dt, t) * inv_t : 0.0f;
-    span_grad(xrow + lo * es, dt, orow + lo * oes, out_dt, hi - lo, inv_t, lse[r], c0, c1, h);
-    if (t >= lo && t < hi) {
+    const bool here = t >= lo && t < hi;
+    const double d = here ? std::min(z_minus_m(xrow, dt, t, inv_t, m) - log_s, 0.0) : 0.0;  // log p_t
+    span_grad(xrow + lo * es, dt, orow + lo * oes, out_dt, hi - lo, inv_t, m, log_s, c0, c1, h);
+    if (here) {
       // The one-hot term, computed once in fp32 so a bf16/fp16 output is rounded once.
-      const double d = static_cast<double>(zt) - lse[r];
       const double p = std::exp(d);
       const double g = p * (c0 - c1 * (d + h)) + gl;
       store_one(orow, out_dt, t, static_cast<float>(g * inv_t));

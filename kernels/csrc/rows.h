@@ -12,17 +12,19 @@ namespace gvu {
 DType dtype_of(const at::Tensor& t);  // fp32 / bf16 / fp16, else an error naming the dtype
 
 // Forward over N rows of V logits (row r starts at x + r * row_stride elements, unit column stride):
-// logp[r] = z_t - lse, lse[r] = logsumexp(z), ent[r] = entropy (if ent != nullptr), z = x * inv_t.
+// logp[r] = (z_t - m) - log s, lse[r] = m + log s = logsumexp(z), ent[r] = entropy (if ent != nullptr),
+// stats[2r], stats[2r+1] = (m, log s) with m the row max (if stats != nullptr: what the backward needs), z = x * inv_t.
 // Rows whose target equals ignore_index get 0 everywhere. Threads split rows, or (row, V-span) pairs
 // when N is small, so one long row still uses every core.
 void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
-                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent);
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent, float* stats = nullptr);
 
-// Backward: out[r, :] = inv_t * (g_logp (onehot - p) + g_lse p - g_ent p (log p + H)), zero on ignored rows.
+// Backward: out[r, :] = inv_t * (g_logp (onehot - p) + g_lse p - g_ent p (log p + H)), zero on ignored rows, with
+// log p = (z - m) - log s from the forward's stats (N x 2), so logits near 1e4 keep p exact.
 // g_* may be nullptr (no gradient from that output). out may alias x when out_dt == dt (in place).
 void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
-                   const float* g_lse, const float* g_ent, const float* lse, const float* ent);
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent);
 
 // Ask for transparent huge pages on a fresh, untouched buffer of >= 8 MB (no-op otherwise or if unsupported).
 void advise_huge_pages(void* p, size_t bytes);

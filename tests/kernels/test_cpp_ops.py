@@ -31,7 +31,7 @@ def test_library_layout():
 def test_lse_output_and_its_gradient():
     x = torch.randn(4, 777, dtype=torch.float64).float().requires_grad_()
     t = targets((4,), 777, ignore_every=0)
-    _, lse, _ = torch.ops.gvu_kernels.token_logprobs(x, t, 0.8, IGN, False)
+    _, lse, _, _ = torch.ops.gvu_kernels.token_logprobs(x, t, 0.8, IGN, False)
     torch.testing.assert_close(lse, torch.logsumexp(x.detach() / 0.8, -1))
     w = torch.randn(4)
     (lse * w).sum().backward()
@@ -176,8 +176,8 @@ def test_opcheck_token_logprobs():
     t = targets((5,), 33)
     torch.library.opcheck(ops.token_logprobs.default, (x, t, 0.9, IGN, True))
     torch.library.opcheck(ops.token_logprobs.default, (x.detach().bfloat16(), t, 1.0, IGN, False))
-    _, lse, ent = ops.token_logprobs(x.detach(), t, 0.9, IGN, True)
-    args = (torch.randn(5), None, torch.randn(5), x.detach(), t, lse, ent, 0.9, IGN)
+    _, _, ent, stats = ops.token_logprobs(x.detach(), t, 0.9, IGN, True)
+    args = (torch.randn(5), None, torch.randn(5), x.detach(), t, stats, ent, 0.9, IGN)
     torch.library.opcheck(ops.token_logprobs_backward.default, args)
 
 
