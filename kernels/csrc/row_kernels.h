@@ -31,6 +31,10 @@ void merge_stats(SpanStats& a, const SpanStats& b);
 void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float m, float log_s,
                float c0, float c1, float h);
 
+// span_grad along a row of transposed logits (a vocabulary entry, one column per token): grad[i] as above with
+// the token's numbers k = {m, log_s, c0, c1, h}, five arrays of n floats. No one-hot term.
+void col_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, const float* const* k);
+
 // Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline").
 const char* simd_level();
 

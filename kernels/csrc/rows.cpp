@@ -199,3 +199,44 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
 }
 
 }  // namespace gvu
+
+namespace gvu {
+
+void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent) {
+  if (N <= 0 || V <= 0) return;
+  // Per-token numbers as arrays the column loop reads alongside x: m, log s, c0, c1, h.
+  std::vector<float> buf(static_cast<size_t>(5 * N));
+  float* k[5];
+  for (int j = 0; j < 5; ++j) k[j] = buf.data() + j * N;
+  std::vector<double> dt_logp(static_cast<size_t>(N), 0.0);  // log p at each token's target, if in this block
+  const size_t es = elem_size(dt);
+  for (int64_t r = 0; r < N; ++r) {
+    k[0][r] = stats[2 * r];
+    k[1][r] = stats[2 * r + 1];
+    k[2][r] = (g_lse ? g_lse[r] : 0.0f) - (g_logp ? g_logp[r] : 0.0f);
+    k[3][r] = g_ent ? g_ent[r] : 0.0f;
+    k[4][r] = g_ent ? ent[r] : 0.0f;
+    const int64_t t = tgt[r];
+    if (t >= 0 && t < V) {  // read before the in-place pass overwrites it
+      const char* row = static_cast<const char*>(x) + static_cast<size_t>(t) * static_cast<size_t>(N) * es;
+      dt_logp[r] = std::min(z_minus_m(row, dt, r, inv_t, k[0][r]) - k[1][r], 0.0);
+    }
+  }
+  const int nt = num_threads(N * V);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t v = 0; v < V; ++v) {
+    char* row = static_cast<char*>(x) + static_cast<size_t>(v) * static_cast<size_t>(N) * es;
+    col_grad(row, dt, row, dt, N, inv_t, k);
+  }
+  for (int64_t r = 0; r < N; ++r) {  // the one-hot terms, in double as rows_backward forms them
+    const int64_t t = tgt[r];
+    if (t < 0 || t >= V) continue;
+    const double d = dt_logp[r], p = std::exp(d);
+    const double g = p * (k[2][r] - k[3][r] * (d + k[4][r])) + (g_logp ? g_logp[r] : 0.0f);
+    store_one(static_cast<char*>(x) + static_cast<size_t>(t) * static_cast<size_t>(N) * es, dt, r,
+              static_cast<float>(g * inv_t));
+  }
+}
+
+}  // namespace gvu

@@ -26,6 +26,13 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
                    const float* g_lse, const float* g_ent, const float* stats, const float* ent);
 
+// rows_backward on a transposed tile, in place: x is (V, N) contiguous, column r holds token r's logits over
+// this vocabulary block and tgt[r] its target relative to the block (outside [0, V): no one-hot here). Every
+// column is a kept token (no ignore_index). The backward of a trainable head's weight uses it so that
+// dW_block = G^T H is a GEMM of two row-major operands (a transposed operand ran at half the rate in oneDNN).
+void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent);
+
 // Ask for transparent huge pages on a fresh, untouched buffer of >= 8 MB (no-op otherwise or if unsupported).
 void advise_huge_pages(void* p, size_t bytes);
 bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)
