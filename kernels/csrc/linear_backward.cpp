@@ -47,10 +47,7 @@ void weight_grads_t(const at::Tensor& weight, const at::Tensor& hw, const at::Te
       const at::Tensor Hc = hw.narrow(0, r0, m);
       // Lt in weight's dtype (the GEMM's), then grad-logits over it: in place, or into an fp32 tile when split.
       at::Tensor Lt = (split ? lt16 : buf).narrow(0, 0, vb * m).view({vb, m});
-      if (bb.defined())
-        at::addmm_out(Lt, bb, Wb, Hc.t());
-      else
-        at::mm_out(Lt, Wb, Hc.t());
+      gemm_out(Lt, Wb, Hc.t(), bb);
       at::Tensor Gt = split ? buf.narrow(0, 0, vb * m).view({vb, m}) : Lt;
       if (split) Gt.copy_(Lt);
       cols_backward(Gt.data_ptr(), gdt, vb, m, tshift.data_ptr<int64_t>() + r0, inv_t, ptr(gl, r0), ptr(gs, r0),
@@ -58,7 +55,7 @@ void weight_grads_t(const at::Tensor& weight, const at::Tensor& hw, const at::Te
       if (split)
         dWb32.narrow(0, 0, vb).addmm_(Gt, h32.narrow(0, r0, m));
       else if (dW && r0 == 0)
-        at::mm_out(dWb, Gt, Hc);
+        gemm_out(dWb, Gt, Hc, at::Tensor());
       else if (dW)
         dWb.addmm_(Gt, Hc);  // fp32 weights: C < n accumulates straight into dW
       if (db32) db32->narrow(0, v0, vb).add_(Gt.sum(1, false, at::kFloat));

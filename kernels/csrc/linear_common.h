@@ -42,13 +42,42 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, con
   dtype_of(weight);
 }
 
+// out (M, N) = a (M, K) @ b (K, N) (+ bias: (N,) over rows or (M, 1) over columns), out in the operands' dtype.
+// With fp32_tiles() (no native bf16 on this CPU, or forced) bf16 / fp16 operands go through fp32 GEMMs instead of
+// torch's bf16 ones: a is converted once, b a kTile x kTile tile at a time (each element once per call), the
+// products summed over K in an fp32 (M, kTile) tile and rounded into out once, as a bf16 GEMM rounds its output.
+inline void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (!fp32_tiles() || a.scalar_type() == at::kFloat) {
+    if (bias.defined())
+      at::addmm_out(out, bias, a, b);
+    else
+      at::mm_out(out, a, b);
+    return;
+  }
+  constexpr int64_t kTile = 1024;
+  const at::Tensor a32 = a.to(at::kFloat);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor acc = at::empty({M * std::min(N, kTile)}, a32.options());
+  for (int64_t j = 0; j < N; j += kTile) {
+    const int64_t nb = std::min(kTile, N - j);
+    at::Tensor c = acc.narrow(0, 0, M * nb).view({M, nb});
+    for (int64_t k = 0; k < K; k += kTile) {
+      const int64_t kb = std::min(kTile, K - k);
+      const at::Tensor bt = b.narrow(0, k, kb).narrow(1, j, nb).to(at::kFloat);
+      if (k == 0)
+        at::mm_out(c, a32.narrow(1, k, kb), bt);
+      else
+        c.addmm_(a32.narrow(1, k, kb), bt);
+    }
+    if (bias.defined()) c.add_(bias.dim() == 1 ? bias.narrow(0, j, nb) : bias);
+    out.narrow(1, j, nb).copy_(c);
+  }
+}
+
 // The chunk's logits, (rows, V) in weight's dtype, written into buf.
 inline void chunk_logits(at::Tensor& buf, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
   const at::Tensor hc = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type());
-  if (bias.defined())
-    at::addmm_out(buf, bias, hc, weight.t());
-  else
-    at::mm_out(buf, hc, weight.t());
+  gemm_out(buf, hc, weight.t(), bias);
 }
 
 inline at::Tensor bias_in(const c10::optional<at::Tensor>& bias, const at::Tensor& weight) {

@@ -97,7 +97,7 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
     rows_backward(L.data_ptr(), dt, V, L.data_ptr(), dt, V, n, V, tr, kNoIgnore, inv_t, mt, nullptr, nullptr, st,
                   nullptr);  // p - onehot, in place
     at::Tensor S = sums.narrow(0, 0, two ? 2 * n : n);
-    at::mm_out(S, buf.narrow(0, 0, two ? 2 * n : n), weight);
+    gemm_out(S, buf.narrow(0, 0, two ? 2 * n : n), weight, at::Tensor());
     cen.narrow(0, r0, n).copy_(S.narrow(0, 0, n));
     if (two) edir.narrow(0, r0, n).copy_(S.narrow(0, n, n));
   }

@@ -240,3 +240,31 @@ void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, 
 }
 
 }  // namespace gvu
+
+#include <cpuid.h>
+
+namespace gvu {
+
+bool native_bf16() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = (a >> 5) & 1u;  // CPUID.(7,1):EAX[5]
+  __get_cpuid_count(7, 0, &a, &b, &c, &d);
+  const bool amx_bf16 = (d >> 22) & 1u;  // CPUID.(7,0):EDX[22]
+  return avx512_bf16 || amx_bf16;
+#else
+  return true;  // not x86: leave bf16 GEMMs to torch
+#endif
+}
+
+bool fp32_tiles() {
+  static const bool on = [] {
+    const char* v = std::getenv("GVU_KERNELS_FP32_TILES");
+    if (v != nullptr && (std::string(v) == "1" || std::string(v) == "0")) return std::string(v) == "1";
+    return !native_bf16();
+  }();
+  return on;
+}
+
+}  // namespace gvu

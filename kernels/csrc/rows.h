@@ -33,6 +33,12 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
 void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, float inv_t, const float* g_logp,
                    const float* g_lse, const float* g_ent, const float* stats, const float* ent);
 
+// The CPU has native bf16 products (avx512_bf16 or amx_bf16 in CPUID), which torch's bf16 GEMMs use (oneDNN AMX /
+// AVX512-BF16 kernels); without them those GEMMs crawl, and linear_token_logprobs forms its bf16 / fp16 products
+// in fp32 tiles instead (fp32_tiles(): !native_bf16(), or GVU_KERNELS_FP32_TILES=1 / 0 to force it either way).
+bool native_bf16();
+bool fp32_tiles();
+
 // Ask for transparent huge pages on a fresh, untouched buffer of >= 8 MB (no-op otherwise or if unsupported).
 void advise_huge_pages(void* p, size_t bytes);
 bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)

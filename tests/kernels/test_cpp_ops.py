@@ -207,3 +207,27 @@ def test_opcheck_group_advantages():
     r[2] = float("nan")
     for scale in ("group", "batch", "none"):
         torch.library.opcheck(torch.ops.gvu_kernels.group_advantages.default, (r, 4, 1e-4, scale, True))
+
+
+# ------------------------------------------------- fp32 tiles (CPUs without native bf16), forced on this one
+
+
+def test_fp32_tiles_path_matches_the_reference():
+    # The path a CPU without avx512_bf16 / amx_bf16 takes (bf16 / fp16 products in fp32 tiles), forced by
+    # GVU_KERNELS_FP32_TILES=1 (read once per process, so in a fresh one): the low-precision linear tests hold.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    check = "import torch, kernels.cpp_ops as c; c.require(); assert torch.ops.gvu_kernels.fp32_tiles()"
+    root = os.path.dirname(os.path.dirname(here))  # this checkout's kernels, not an installed one
+    env = dict(
+        os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    )
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=root)
+    sel = "cpp and (low_precision or bf16 or frozen_head_matches or chunk_borders or block_borders)"
+    test_file = os.path.join(here, "test_linear_token_logprobs.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", sel]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:]
