@@ -220,7 +220,7 @@ def test_fp32_tiles_path_matches_the_reference():
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    check = "import torch, kernels.cpp_ops as c; c.require(); assert torch.ops.gvu_kernels.fp32_tiles()"
+    check = "import torch, kernels.cpp_ops as c; assert c.available() and torch.ops.gvu_kernels.fp32_tiles()"
     root = os.path.dirname(os.path.dirname(here))  # this checkout's kernels, not an installed one
     env = dict(
         os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
