@@ -28,9 +28,11 @@ void weight_grads_t(const at::Tensor& weight, const at::Tensor& hw, const at::Te
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, n)
                                    : std::min<int64_t>(n, std::max<int64_t>(16, kChunkBytes / (Vb * es)));
   const bool split = dW && !w32 && C < n;
-  const DType dt = dtype_of(weight), gdt = split ? DType::F32 : dt;
-  at::Tensor buf = at::empty({Vb * C}, weight.options().dtype(split ? at::kFloat : weight.scalar_type()));
-  at::Tensor lt16 = split ? at::empty({Vb * C}, weight.options()) : at::Tensor();
+  const bool tiles = fp32_tiles() && !w32;  // products in fp32: the logits tile is fp32 from its GEMM on
+  const bool f32 = split || tiles;
+  const DType gdt = f32 ? DType::F32 : dtype_of(weight);
+  at::Tensor buf = at::empty({Vb * C}, weight.options().dtype(f32 ? at::kFloat : weight.scalar_type()));
+  at::Tensor lt16 = split && !tiles ? at::empty({Vb * C}, weight.options()) : at::Tensor();
   at::Tensor h32 = split ? hw.to(at::kFloat) : at::Tensor();
   at::Tensor dWb32 = split ? at::empty({Vb, D}, hw.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor tshift = at::empty_like(t);
@@ -46,10 +48,10 @@ void weight_grads_t(const at::Tensor& weight, const at::Tensor& hw, const at::Te
       const int64_t m = std::min(C, n - r0);
       const at::Tensor Hc = hw.narrow(0, r0, m);
       // Lt in weight's dtype (the GEMM's), then grad-logits over it: in place, or into an fp32 tile when split.
-      at::Tensor Lt = (split ? lt16 : buf).narrow(0, 0, vb * m).view({vb, m});
+      at::Tensor Lt = (lt16.defined() ? lt16 : buf).narrow(0, 0, vb * m).view({vb, m});
       gemm_out(Lt, Wb, Hc.t(), bb);
-      at::Tensor Gt = split ? buf.narrow(0, 0, vb * m).view({vb, m}) : Lt;
-      if (split) Gt.copy_(Lt);
+      at::Tensor Gt = buf.narrow(0, 0, vb * m).view({vb, m});
+      if (lt16.defined()) Gt.copy_(Lt);
       cols_backward(Gt.data_ptr(), gdt, vb, m, tshift.data_ptr<int64_t>() + r0, inv_t, ptr(gl, r0), ptr(gs, r0),
                     ptr(ge, r0), stats.data_ptr<float>() + 2 * r0, ptr(ent, r0));
       if (split)

@@ -66,7 +66,9 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   const bool two = expected && return_entropy;  // the chunk's p (log p + H) rows sit below its logits rows
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n)
                                    : chunk_rows(rows.n, V * weight.element_size() * (two ? 2 : 1));
-  at::Tensor buf = at::empty({two ? 2 * C : C, V}, weight.options());
+  // The logits chunk: in weight's dtype (as its GEMM writes it), fp32 when the products run in fp32 tiles.
+  const bool f32 = fp32_tiles() && weight.scalar_type() != at::kFloat;
+  at::Tensor buf = at::empty({two ? 2 * C : C, V}, weight.options().dtype(f32 ? at::kFloat : weight.scalar_type()));
   // Outputs of the kept rows, scattered back at the end when rows were dropped.
   const bool scatter = rows.idx.defined();
   at::Tensor lp = scatter ? at::empty({rows.n}, opts) : o.logp;
@@ -79,7 +81,7 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   const at::Tensor minus_t = at::full({C}, -temperature, opts);
   at::Tensor stats = expected ? at::empty({C, 2}, opts) : at::Tensor();
   constexpr int64_t kNoIgnore = std::numeric_limits<int64_t>::min();
-  const DType dt = dtype_of(weight);
+  const DType dt = dtype_of(buf);
   const float inv_t = static_cast<float>(1.0 / temperature);
   for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
     const int64_t n = std::min(C, rows.n - r0);
