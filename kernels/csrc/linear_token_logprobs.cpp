@@ -1,11 +1,10 @@
 // linear_token_logprobs: log softmax((hidden @ weight.T + bias) / T)[target] a chunk of rows at a time.
 //
-// Forward: each chunk's logits come from one BLAS GEMM (at::mm_out / at::addmm_out into a reused buffer), then
-// the fused row pass of token_logprobs. Backward recomputes the logits a V-block at a time over all rows, turns
-// each tile into grad-logits in place, then dW_block = G^T @ H (one GEMM, rounded once) and dH += G @ W_block
-// (fp32 across blocks). Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt
-// tokens), so they cost nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward,
-// never N x V.
+// Forward: each chunk's logits come from one GEMM (gemm_out into a reused buffer), then the fused row pass of
+// token_logprobs; when hidden needs a gradient also the (N, D) sums of its backward (see forward_impl). The
+// recompute backward (linear_backward.cpp) gives dW / db (and dH for a direct call) from V-blocks of logits.
+// Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt tokens), so they cost
+// nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward, never N x V.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
