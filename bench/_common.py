@@ -32,6 +32,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> dict:
+    """The CPU flags that decide the bf16 GEMM path: native bf16 (avx512_bf16 / amx_bf16) or not, and the SIMD level."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(x for x in text.splitlines() if x.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline" if flags else "unknown"
+    return {"bf16_flags": " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags), "cpu_simd": simd}
+
+
 def git_sha() -> str:
     try:
         sha = subprocess.run(

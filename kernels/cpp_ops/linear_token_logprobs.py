@@ -1,10 +1,11 @@
 """C++ linear_token_logprobs (kernels/csrc/linear_token_logprobs.cpp): fake kernels, autograd, backend function.
 
 Two forwards: `linear_token_logprobs` (saves hidden and weight; the backward recomputes logits a V-block at a
-time) and `linear_token_logprobs_frozen` for a frozen head (hidden needs a gradient, weight and bias do not),
-which also returns cen = E - W[t] and ent_dir = F + H E (N, D), E = sum_j p_j W_j, F = sum_j p_j log p_j W_j,
-so its backward is O(N x D) with no recompute. Which one runs follows from requires_grad alone (see
-`linear_token_logprobs_cpp`).
+time) and `linear_token_logprobs_frozen`, which also returns cen = E - W[t] and ent_dir = F + H E (N, D),
+E = sum_j p_j W_j, F = sum_j p_j log p_j W_j, so hidden's gradient is O(N x D) with no recompute. The second runs
+whenever hidden needs a gradient (`sums_forward`): for a frozen head (LoRA / GvU) that is the whole backward; for
+a trainable head the backward recomputes transposed logit tiles for dW (and db) only. The first serves a head
+whose weight alone needs a gradient.
 """
 
 from __future__ import annotations
@@ -70,22 +71,37 @@ def _backward(ctx, g_logp, g_lse, g_ent):
 
 
 def _frozen_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, ignore_index, _, _ = inputs
-    _, _, ent, cen, ent_dir = output
-    # hidden itself is not needed: dH depends on it only through cen / ent_dir. The weight is read only for
-    # an lse gradient (E = cen + W[t]); logp and entropy gradients never touch it.
-    ctx.save_for_backward(weight, targets, ent, cen, ent_dir)
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    hidden, weight, targets, bias, temperature, ignore_index, _, chunk_size = inputs
+    _, lse, ent, cen, ent_dir = output
+    # hidden's gradient depends on it only through cen / ent_dir, and reads the weight only for an lse gradient
+    # (E = cen + W[t]). A trainable head (weight or bias needing a gradient) also keeps hidden, bias and lse for
+    # the recompute of its dW / db.
+    ctx.head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    extra = (hidden, bias, lse) if ctx.head_grad else (None, None, None)
+    ctx.save_for_backward(weight, targets, ent, cen, ent_dir, *extra)
+    ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
     ctx.hidden_dtype, ctx.hidden_shape = hidden.dtype, hidden.shape
     ctx.mark_non_differentiable(cen, ent_dir)  # backward state, not results: no gradient flows through them
     ctx.set_materialize_grads(False)
 
 
 def _frozen_backward(ctx, g_logp, g_lse, g_ent, _g_cen, _g_ent_dir):
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 8
-    weight, targets, ent, cen, ent_dir = ctx.saved_tensors
+    weight, targets, ent, cen, ent_dir, hidden, bias, lse = ctx.saved_tensors
     g_ent = g_ent if ent.numel() else None
+    need = ctx.needs_input_grad
+    dh = _hidden_grad(ctx, weight, targets, cen, ent_dir, g_logp, g_lse, g_ent) if need[0] else None
+    gw = gb = None
+    mask = [False, bool(need[1]), bool(need[3]) and bias is not None]
+    if ctx.head_grad and any(mask) and any(g is not None for g in (g_logp, g_lse, g_ent)):
+        _check_saved_weight(weight, ctx.hidden_shape[1])
+        _, gw, gb = torch.ops.gvu_kernels.linear_token_logprobs_backward(
+            g_logp, g_lse, g_ent, hidden, weight, targets, bias, lse, ent,
+            ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
+        )  # fmt: skip
+    return (dh, gw if mask[1] else None, None, gb if mask[2] else None) + (None,) * 4
+
+
+def _hidden_grad(ctx, weight, targets, cen, ent_dir, g_logp, g_lse, g_ent):
     keep = (targets != ctx.ignore_index)[:, None]
     # dH = (g_logp (W[t] - E) + g_lse E - g_ent (F + H E)) / T, in fp32; cen / ent_dir are 0 on ignored rows.
     dh = torch.zeros(ctx.hidden_shape, dtype=torch.float32, device=cen.device)
@@ -98,7 +114,7 @@ def _frozen_backward(ctx, g_logp, g_lse, g_ent, _g_cen, _g_ent_dir):
         w_t = weight.index_select(0, torch.where(keep[:, 0], targets, 0).long())
         dh.add_(torch.where(keep, g_lse.float()[:, None], 0.0) * (cen.float() + w_t))
     dh.mul_(1.0 / ctx.temperature)
-    return (dh.to(ctx.hidden_dtype),) + (None,) * 7
+    return dh.to(ctx.hidden_dtype)
 
 
 def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
@@ -112,11 +128,9 @@ def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
         )
 
 
-def frozen_head(hidden, weight, bias) -> bool:
-    """The frozen-head forward applies: grad mode on, hidden requires grad, weight and bias do not."""
-    if not torch.is_grad_enabled() or not hidden.requires_grad:
-        return False
-    return not weight.requires_grad and not (bias is not None and bias.requires_grad)
+def sums_forward(hidden) -> bool:
+    """The forward with the (N, D) sums (linear_token_logprobs_frozen) applies: grad mode on, hidden requires grad."""
+    return torch.is_grad_enabled() and hidden.requires_grad
 
 
 def linear_token_logprobs_cpp(
@@ -124,14 +138,14 @@ def linear_token_logprobs_cpp(
 ):  # fmt: skip
     """hidden (N, D), weight (V, D), targets (N,) int64, bias (V,)|None -> (logp (N,) fp32, entropy|None).
 
-    chunk_size None picks ~64 MiB of fp32 logits per chunk (16..256 rows); see linear_token_logprobs.cpp.
-    A frozen head (`frozen_head`: the LoRA/GvU case) takes linear_token_logprobs_frozen, whose backward needs
-    no logits recompute; otherwise the recompute backward. Preconditions (checked by kernels.ops): CPU tensors,
-    targets in [0, V) or ignore_index, bias (V,), temperature > 0.
+    chunk_size None picks ~64 MiB of logits per chunk (16..1024 rows); see linear_token_logprobs.cpp.
+    Whenever hidden needs a gradient (`sums_forward`) the forward also forms cen / ent_dir, so hidden's gradient
+    needs no recompute (a frozen head's whole backward); a trainable head's dW / db recompute transposed tiles.
+    Preconditions (checked by kernels.ops): CPU tensors, targets in [0, V) or ignore_index, bias (V,), temperature > 0.
     """
     require()
     ops = torch.ops.gvu_kernels
-    op = ops.linear_token_logprobs_frozen if frozen_head(hidden, weight, bias) else ops.linear_token_logprobs
+    op = ops.linear_token_logprobs_frozen if sums_forward(hidden) else ops.linear_token_logprobs
     out = op(hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
              int(chunk_size or 0))  # fmt: skip
     return out[0], (out[2] if return_entropy else None)

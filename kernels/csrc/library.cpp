@@ -6,8 +6,11 @@
 #include <string>
 
 #include "row_kernels.h"
+#include "rows.h"
 
 TORCH_LIBRARY(gvu_kernels, m) {
   // The ISA level row_kernels.cpp picked at load time: used by tests and the benchmark's machine info.
   m.def("simd_level() -> str", []() { return std::string(gvu::simd_level()); });
+  // Whether linear_token_logprobs forms bf16 / fp16 products in fp32 tiles (no native bf16, or forced).
+  m.def("fp32_tiles() -> bool", []() { return gvu::fp32_tiles(); });
 }

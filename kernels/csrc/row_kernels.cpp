@@ -144,10 +144,12 @@ GVU_INLINE SpanStats stats_body(Ld ld, int64_t n, float inv_t) {
 }
 
 template <typename Ld, typename St>
-GVU_INLINE void grad_body(Ld ld, St st, int64_t n, float inv_t, float lse, float c0, float c1, float h) {
+GVU_INLINE void grad_body(Ld ld, St st, int64_t n, float inv_t, float m, float log_s, float c0, float c1,
+                          float h) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float d = ld(i) * inv_t - lse;
+    // (z - m) first: exact near the max, where z - lse would lose |lse| * 2^-24 (1e-3 in p at |z| ~ 2e4).
+    const float d = (ld(i) * inv_t - m) - log_s;
     const float p = exp_neg(d);
     const float logp = d < kExpFloor ? kExpFloor : d;  // p == 0 there; avoids 0 * -inf
     st(i, inv_t * p * (c0 - c1 * (logp + h)));
@@ -166,10 +168,10 @@ GVU_STATS_LEAF(stats_f16_t, LoadF16, uint16_t, true)
 GVU_STATS_LEAF(stats_f16_n, LoadF16, uint16_t, false)
 
 #define GVU_GRAD_LEAF(NAME, LOAD, ICTYPE, STORE, OCTYPE)                                                  \
-  GVU_CLONES void NAME(const void* x, void* out, int64_t n, float inv_t, float lse, float c0, float c1, \
-                       float h) {                                                                         \
-    grad_body(LOAD{static_cast<const ICTYPE*>(x)}, STORE{static_cast<OCTYPE*>(out)}, n, inv_t, lse, c0, \
-              c1, h);                                                                                     \
+  GVU_CLONES void NAME(const void* x, void* out, int64_t n, float inv_t, float m, float log_s, float c0,   \
+                       float c1, float h) {                                                               \
+    grad_body(LOAD{static_cast<const ICTYPE*>(x)}, STORE{static_cast<OCTYPE*>(out)}, n, inv_t, m, log_s, \
+              c0, c1, h);                                                                                 \
   }
 GVU_GRAD_LEAF(grad_f32_f32, LoadF32, float, StoreF32, float)
 GVU_GRAD_LEAF(grad_bf16_bf16, LoadBF16, uint16_t, StoreBF16, uint16_t)
@@ -177,7 +179,38 @@ GVU_GRAD_LEAF(grad_f16_f16, LoadF16, uint16_t, StoreF16, uint16_t)
 GVU_GRAD_LEAF(grad_bf16_f32, LoadBF16, uint16_t, StoreF32, float)
 GVU_GRAD_LEAF(grad_f16_f32, LoadF16, uint16_t, StoreF32, float)
 
+// The same gradient along a row of transposed logits (one vocabulary entry, one column per token): every
+// per-token number is an array indexed like x. k = (m, log_s, c0, c1, h), each n long.
+template <typename Ld, typename St>
+GVU_INLINE void col_grad_body(Ld ld, St st, int64_t n, float inv_t, const float* const* k) {
+  const float *m = k[0], *log_s = k[1], *c0 = k[2], *c1 = k[3], *h = k[4];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = (ld(i) * inv_t - m[i]) - log_s[i];
+    const float p = exp_neg(d);
+    const float logp = d < kExpFloor ? kExpFloor : d;
+    st(i, inv_t * p * (c0[i] - c1[i] * (logp + h[i])));
+  }
+}
+
+#define GVU_COL_LEAF(NAME, LOAD, ICTYPE, STORE, OCTYPE)                                                   \
+  GVU_CLONES void NAME(const void* x, void* out, int64_t n, float inv_t, const float* const* k) {       \
+    col_grad_body(LOAD{static_cast<const ICTYPE*>(x)}, STORE{static_cast<OCTYPE*>(out)}, n, inv_t, k); \
+  }
+GVU_COL_LEAF(col_f32_f32, LoadF32, float, StoreF32, float)
+GVU_COL_LEAF(col_bf16_bf16, LoadBF16, uint16_t, StoreBF16, uint16_t)
+GVU_COL_LEAF(col_f16_f16, LoadF16, uint16_t, StoreF16, uint16_t)
+GVU_COL_LEAF(col_bf16_f32, LoadBF16, uint16_t, StoreF32, float)
+GVU_COL_LEAF(col_f16_f32, LoadF16, uint16_t, StoreF32, float)
+
 }  // namespace
+
+void col_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, const float* const* k) {
+  if (dt == DType::F32) return col_f32_f32(x, out, n, inv_t, k);
+  if (dt == DType::BF16)
+    return out_dt == DType::F32 ? col_bf16_f32(x, out, n, inv_t, k) : col_bf16_bf16(x, out, n, inv_t, k);
+  return out_dt == DType::F32 ? col_f16_f32(x, out, n, inv_t, k) : col_f16_f16(x, out, n, inv_t, k);
+}
 
 SpanStats span_stats(const void* x, DType dt, int64_t n, float inv_t, bool want_t) {
   switch (dt) {
@@ -209,15 +242,15 @@ void merge_stats(SpanStats& a, const SpanStats& b) {
   a.m = m;
 }
 
-void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float lse, float c0,
-               float c1, float h) {
-  if (dt == DType::F32) return grad_f32_f32(x, out, n, inv_t, lse, c0, c1, h);
+void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float m, float log_s,
+               float c0, float c1, float h) {
+  if (dt == DType::F32) return grad_f32_f32(x, out, n, inv_t, m, log_s, c0, c1, h);
   if (dt == DType::BF16) {
-    if (out_dt == DType::F32) return grad_bf16_f32(x, out, n, inv_t, lse, c0, c1, h);
-    return grad_bf16_bf16(x, out, n, inv_t, lse, c0, c1, h);
+    if (out_dt == DType::F32) return grad_bf16_f32(x, out, n, inv_t, m, log_s, c0, c1, h);
+    return grad_bf16_bf16(x, out, n, inv_t, m, log_s, c0, c1, h);
   }
-  if (out_dt == DType::F32) return grad_f16_f32(x, out, n, inv_t, lse, c0, c1, h);
-  return grad_f16_f16(x, out, n, inv_t, lse, c0, c1, h);
+  if (out_dt == DType::F32) return grad_f16_f32(x, out, n, inv_t, m, log_s, c0, c1, h);
+  return grad_f16_f16(x, out, n, inv_t, m, log_s, c0, c1, h);
 }
 
 const char* simd_level() {

@@ -25,10 +25,15 @@ SpanStats span_stats(const void* x, DType dt, int64_t n, float inv_t, bool want_
 // Merge b into a (associative; either may be empty).
 void merge_stats(SpanStats& a, const SpanStats& b);
 
-// grad[i] = inv_t * p_i * (c0 - c1 * (log p_i + h)) with p_i = exp(x_i * inv_t - lse); the caller adds the
-// one-hot term at the target. out may alias x (in place) only when out_dt == dt.
-void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float lse, float c0,
-               float c1, float h);
+// grad[i] = inv_t * p_i * (c0 - c1 * (log p_i + h)) with log p_i = (x_i * inv_t - m) - log_s (the row's max m and
+// log s, lse = m + log s); the caller adds the one-hot term at the target. out may alias x (in place) only when
+// out_dt == dt.
+void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, float m, float log_s,
+               float c0, float c1, float h);
+
+// span_grad along a row of transposed logits (a vocabulary entry, one column per token): grad[i] as above with
+// the token's numbers k = {m, log_s, c0, c1, h}, five arrays of n floats. No one-hot term.
+void col_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, const float* const* k);
 
 // Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline").
 const char* simd_level();

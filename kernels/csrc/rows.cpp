@@ -65,6 +65,14 @@ int64_t pieces_per_row(int64_t N, int64_t V, int nt) {
   return std::max<int64_t>(1, std::min<int64_t>(want, V / kMinSpan));
 }
 
+// z_i - m for one element, as the SIMD loops form it: they compute x * inv_t - m with one FMA (the AVX2 / AVX-512
+// clones), i.e. from the exact product. A double product of two floats is exact, so this matches them to the
+// final rounding; a float z_t = x * inv_t here instead put ulp(z) / 2 between the target's term and the rest of
+// its row (5e-7 relative in p at |z| ~ 9).
+double z_minus_m(const void* row, DType dt, int64_t i, float inv_t, float m) {
+  return static_cast<double>(load_one(row, dt, i)) * inv_t - m;
+}
+
 const char* row_ptr(const void* base, DType dt, int64_t stride, int64_t r) {
   return static_cast<const char*>(base) + static_cast<size_t>(r) * static_cast<size_t>(stride) * elem_size(dt);
 }
@@ -111,7 +119,7 @@ void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_inde
 }
 
 void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
-                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent) {
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent, float* stats) {
   if (N <= 0) return;
   const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
@@ -134,22 +142,27 @@ void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_
       logp[r] = 0.0f;
       lse[r] = 0.0f;
       if (want_t) ent[r] = 0.0f;
+      if (stats) stats[2 * r] = stats[2 * r + 1] = 0.0f;
       continue;
     }
     SpanStats st = part[r * P];
     for (int64_t j = 1; j < P; ++j) merge_stats(st, part[r * P + j]);
     const double log_s = std::log(st.s);
-    const double l = static_cast<double>(st.m) + log_s;
-    const float zt = load_one(row_ptr(x, dt, row_stride, r), dt, tgt[r]) * inv_t;
-    lse[r] = static_cast<float>(l);
-    logp[r] = static_cast<float>(static_cast<double>(zt) - l);
+    lse[r] = static_cast<float>(static_cast<double>(st.m) + log_s);
+    // log p <= 0: the exact product can sit an ulp above m where the row's sum of exp rounded to 1 (V = 1).
+    const double lp = z_minus_m(row_ptr(x, dt, row_stride, r), dt, tgt[r], inv_t, st.m) - log_s;
+    logp[r] = static_cast<float>(std::min(lp, 0.0));
+    if (stats) {
+      stats[2 * r] = st.m;
+      stats[2 * r + 1] = static_cast<float>(log_s);
+    }
     if (want_t) ent[r] = static_cast<float>(log_s - st.t / st.s);
   }
 }
 
 void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
-                   const float* g_lse, const float* g_ent, const float* lse, const float* ent) {
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent) {
   if (N <= 0) return;
   const int nt = num_threads(N * V);
   const int64_t P = pieces_per_row(N, V, nt);
@@ -171,17 +184,87 @@ void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType
     const float c1 = g_ent ? g_ent[r] : 0.0f;
     const float h = g_ent ? ent[r] : 0.0f;
     const char* xrow = row_ptr(x, dt, row_stride, r);
+    const float m = stats[2 * r], log_s = stats[2 * r + 1];
     // Read the target logit before the span is overwritten (in place when out aliases x).
-    const float zt = (t >= lo && t < hi) ? load_one(xrow, dt, t) * inv_t : 0.0f;
-    span_grad(xrow + lo * es, dt, orow + lo * oes, out_dt, hi - lo, inv_t, lse[r], c0, c1, h);
-    if (t >= lo && t < hi) {
+    const bool here = t >= lo && t < hi;
+    const double d = here ? std::min(z_minus_m(xrow, dt, t, inv_t, m) - log_s, 0.0) : 0.0;  // log p_t
+    span_grad(xrow + lo * es, dt, orow + lo * oes, out_dt, hi - lo, inv_t, m, log_s, c0, c1, h);
+    if (here) {
       // The one-hot term, computed once in fp32 so a bf16/fp16 output is rounded once.
-      const double d = static_cast<double>(zt) - lse[r];
       const double p = std::exp(d);
       const double g = p * (c0 - c1 * (d + h)) + gl;
       store_one(orow, out_dt, t, static_cast<float>(g * inv_t));
     }
   }
+}
+
+}  // namespace gvu
+
+namespace gvu {
+
+void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent) {
+  if (N <= 0 || V <= 0) return;
+  // Per-token numbers as arrays the column loop reads alongside x: m, log s, c0, c1, h.
+  std::vector<float> buf(static_cast<size_t>(5 * N));
+  float* k[5];
+  for (int j = 0; j < 5; ++j) k[j] = buf.data() + j * N;
+  std::vector<double> dt_logp(static_cast<size_t>(N), 0.0);  // log p at each token's target, if in this block
+  const size_t es = elem_size(dt);
+  for (int64_t r = 0; r < N; ++r) {
+    k[0][r] = stats[2 * r];
+    k[1][r] = stats[2 * r + 1];
+    k[2][r] = (g_lse ? g_lse[r] : 0.0f) - (g_logp ? g_logp[r] : 0.0f);
+    k[3][r] = g_ent ? g_ent[r] : 0.0f;
+    k[4][r] = g_ent ? ent[r] : 0.0f;
+    const int64_t t = tgt[r];
+    if (t >= 0 && t < V) {  // read before the in-place pass overwrites it
+      const char* row = static_cast<const char*>(x) + static_cast<size_t>(t) * static_cast<size_t>(N) * es;
+      dt_logp[r] = std::min(z_minus_m(row, dt, r, inv_t, k[0][r]) - k[1][r], 0.0);
+    }
+  }
+  const int nt = num_threads(N * V);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t v = 0; v < V; ++v) {
+    char* row = static_cast<char*>(x) + static_cast<size_t>(v) * static_cast<size_t>(N) * es;
+    col_grad(row, dt, row, dt, N, inv_t, k);
+  }
+  for (int64_t r = 0; r < N; ++r) {  // the one-hot terms, in double as rows_backward forms them
+    const int64_t t = tgt[r];
+    if (t < 0 || t >= V) continue;
+    const double d = dt_logp[r], p = std::exp(d);
+    const double g = p * (k[2][r] - k[3][r] * (d + k[4][r])) + (g_logp ? g_logp[r] : 0.0f);
+    store_one(static_cast<char*>(x) + static_cast<size_t>(t) * static_cast<size_t>(N) * es, dt, r,
+              static_cast<float>(g * inv_t));
+  }
+}
+
+}  // namespace gvu
+
+#include <cpuid.h>
+
+namespace gvu {
+
+bool native_bf16() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = (a >> 5) & 1u;  // CPUID.(7,1):EAX[5]
+  __get_cpuid_count(7, 0, &a, &b, &c, &d);
+  const bool amx_bf16 = (d >> 22) & 1u;  // CPUID.(7,0):EDX[22]
+  return avx512_bf16 || amx_bf16;
+#else
+  return true;  // not x86: leave bf16 GEMMs to torch
+#endif
+}
+
+bool fp32_tiles() {
+  static const bool on = [] {
+    const char* v = std::getenv("GVU_KERNELS_FP32_TILES");
+    if (v != nullptr && (std::string(v) == "1" || std::string(v) == "0")) return std::string(v) == "1";
+    return !native_bf16();
+  }();
+  return on;
 }
 
 }  // namespace gvu

@@ -12,17 +12,32 @@ namespace gvu {
 DType dtype_of(const at::Tensor& t);  // fp32 / bf16 / fp16, else an error naming the dtype
 
 // Forward over N rows of V logits (row r starts at x + r * row_stride elements, unit column stride):
-// logp[r] = z_t - lse, lse[r] = logsumexp(z), ent[r] = entropy (if ent != nullptr), z = x * inv_t.
+// logp[r] = (z_t - m) - log s, lse[r] = m + log s = logsumexp(z), ent[r] = entropy (if ent != nullptr),
+// stats[2r], stats[2r+1] = (m, log s) with m the row max (if stats != nullptr: what the backward needs), z = x * inv_t.
 // Rows whose target equals ignore_index get 0 everywhere. Threads split rows, or (row, V-span) pairs
 // when N is small, so one long row still uses every core.
 void rows_forward(const void* x, DType dt, int64_t row_stride, int64_t N, int64_t V, const int64_t* tgt,
-                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent);
+                  int64_t ignore_index, float inv_t, float* logp, float* lse, float* ent, float* stats = nullptr);
 
-// Backward: out[r, :] = inv_t * (g_logp (onehot - p) + g_lse p - g_ent p (log p + H)), zero on ignored rows.
+// Backward: out[r, :] = inv_t * (g_logp (onehot - p) + g_lse p - g_ent p (log p + H)), zero on ignored rows, with
+// log p = (z - m) - log s from the forward's stats (N x 2), so logits near 1e4 keep p exact.
 // g_* may be nullptr (no gradient from that output). out may alias x when out_dt == dt (in place).
 void rows_backward(const void* x, DType dt, int64_t row_stride, void* out, DType out_dt, int64_t out_stride,
                    int64_t N, int64_t V, const int64_t* tgt, int64_t ignore_index, float inv_t, const float* g_logp,
-                   const float* g_lse, const float* g_ent, const float* lse, const float* ent);
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent);
+
+// rows_backward on a transposed tile, in place: x is (V, N) contiguous, column r holds token r's logits over
+// this vocabulary block and tgt[r] its target relative to the block (outside [0, V): no one-hot here). Every
+// column is a kept token (no ignore_index). The backward of a trainable head's weight uses it so that
+// dW_block = G^T H is a GEMM of two row-major operands (a transposed operand ran at half the rate in oneDNN).
+void cols_backward(void* x, DType dt, int64_t V, int64_t N, const int64_t* tgt, float inv_t, const float* g_logp,
+                   const float* g_lse, const float* g_ent, const float* stats, const float* ent);
+
+// The CPU has native bf16 products (avx512_bf16 or amx_bf16 in CPUID), which torch's bf16 GEMMs use (oneDNN AMX /
+// AVX512-BF16 kernels); without them those GEMMs crawl, and linear_token_logprobs forms its bf16 / fp16 products
+// in fp32 tiles instead (fp32_tiles(): !native_bf16(), or GVU_KERNELS_FP32_TILES=1 / 0 to force it either way).
+bool native_bf16();
+bool fp32_tiles();
 
 // Ask for transparent huge pages on a fresh, untouched buffer of >= 8 MB (no-op otherwise or if unsupported).
 void advise_huge_pages(void* p, size_t bytes);

@@ -1,7 +1,9 @@
 // token_logprobs: log softmax(logits / T)[target] (+ entropy) for logits already in memory.
 //
-// Forward reads each row once and writes three fp32 numbers per row: extra memory is O(N) (no second N x V
-// buffer). Backward reads the logits once more and writes the gradient in logits' dtype.
+// Forward reads each row once and writes five fp32 numbers per row (logp, lse, entropy, and the row max m and
+// log s that the backward uses instead of lse: exp((z - m) - log s) keeps p exact at |z| ~ 1e4, where exp(z - lse)
+// lost |lse| * 2^-24 in the exponent). Extra memory is O(N) (no second N x V buffer). Backward reads the logits
+// once more and writes the gradient in logits' dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,7 +31,7 @@ const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits_in,
                                                                    const at::Tensor& targets_in, double temperature,
                                                                    int64_t ignore_index, bool return_entropy) {
   const at::Tensor logits = rows_view(logits_in);
@@ -42,18 +44,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
   at::Tensor ent = at::empty({return_entropy ? N : 0}, opts);
-  if (N == 0) return {logp, lse, ent};
+  at::Tensor stats = at::empty({N, 2}, opts);  // (m, log s) per row: the backward's exact form of lse
+  if (N == 0) return {logp, lse, ent, stats};
   TORCH_CHECK(V > 0, "gvu_kernels: logits need V >= 1");
   check_targets(targets.data_ptr<int64_t>(), N, V, ignore_index);
   rows_forward(logits.data_ptr(), dt, logits.stride(0), N, V, targets.data_ptr<int64_t>(), ignore_index,
                static_cast<float>(1.0 / temperature), logp.data_ptr<float>(), lse.data_ptr<float>(),
-               return_entropy ? ent.data_ptr<float>() : nullptr);
-  return {logp, lse, ent};
+               return_entropy ? ent.data_ptr<float>() : nullptr, stats.data_ptr<float>());
+  return {logp, lse, ent, stats};
 }
 
 at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
                               const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
-                              const at::Tensor& targets_in, const at::Tensor& lse_in, const at::Tensor& entropy_in,
+                              const at::Tensor& targets_in, const at::Tensor& stats_in, const at::Tensor& entropy_in,
                               double temperature, int64_t ignore_index) {
   const at::Tensor logits = rows_view(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -72,11 +75,13 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const 
     TORCH_CHECK(entropy_in.numel() == N, "gvu_kernels: a gradient for the entropy needs the forward's entropy");
     ent = entropy_in.to(at::kFloat).contiguous();
   }
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(stats_in.numel() == 2 * N, "gvu_kernels: stats must be the forward's (", N, ", 2), got ",
+              stats_in.sizes());
+  const at::Tensor stats = stats_in.to(at::kFloat).contiguous();
   const DType dt = dtype_of(logits);
   rows_backward(logits.data_ptr(), dt, logits.stride(0), grad.data_ptr(), dt, V, N, V, targets.data_ptr<int64_t>(),
                 ignore_index, static_cast<float>(1.0 / temperature), ptr_or_null(gl), ptr_or_null(gs),
-                ptr_or_null(ge), lse.data_ptr<float>(), ptr_or_null(ent));
+                ptr_or_null(ge), stats.data_ptr<float>(), ptr_or_null(ent));
   return grad;
 }
 
@@ -87,10 +92,10 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const 
 TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
   m.def(
       "token_logprobs(Tensor logits, Tensor targets, float temperature, int ignore_index, bool return_entropy)"
-      " -> (Tensor logp, Tensor lse, Tensor entropy)");
+      " -> (Tensor logp, Tensor lse, Tensor entropy, Tensor stats)");
   m.def(
       "token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor logits,"
-      " Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+      " Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {

@@ -1,7 +1,9 @@
-"""Smoke tests of the kernel benchmarks: `bench/kernel_ops.py --quick` and `scripts/gpu_check.sh --dry-run` run and
-write rows with timings (the dry run: every implementation, peers that cannot run here as "skipped: ..." rows)."""
+"""Smoke tests of the kernel benchmarks: `bench/kernel_ops.py --quick`, `bench/trl_step.py --quick` and
+`scripts/gpu_check.sh --dry-run` run and write rows with timings (the dry run: every implementation, peers that
+cannot run here as "skipped: ..." rows)."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +36,21 @@ def test_kernel_bench_quick(tmp_path):
     timed = [r for r in rows if r["ms"]]
     assert timed and all(float(r["ms"]) > 0 and r["err"] != "" for r in timed)
     assert all(r["cpu"] and r["torch"] and r["git_sha"] and r["backend"] == "cpp" for r in rows)
+
+
+@needs_cpp
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None,
+                    reason="needs trl and datasets")  # fmt: skip
+def test_trl_step_bench_quick(tmp_path):
+    out = tmp_path / "trl_step.csv"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "trl_step.py"), "--quick", "--csv", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = list(csv.DictReader(out.open()))
+    assert float(row["patched_s"]) > 0 and float(row["trl_s"]) > 0 and float(row["ratio"]) > 0
+    assert int(row["kernel_calls"]) >= 2  # the patched steps went through kernels.linear_token_logprobs
+    assert len(row["patched_all"].split()) == len(row["trl_all"].split()) == int(row["steps"]) // 2
+    assert row["cpu"] and row["loadavg"] and "bf16_flags" in row and row["git_sha"]
 
 
 @needs_cpp

@@ -31,7 +31,7 @@ def test_library_layout():
 def test_lse_output_and_its_gradient():
     x = torch.randn(4, 777, dtype=torch.float64).float().requires_grad_()
     t = targets((4,), 777, ignore_every=0)
-    _, lse, _ = torch.ops.gvu_kernels.token_logprobs(x, t, 0.8, IGN, False)
+    _, lse, _, _ = torch.ops.gvu_kernels.token_logprobs(x, t, 0.8, IGN, False)
     torch.testing.assert_close(lse, torch.logsumexp(x.detach() / 0.8, -1))
     w = torch.randn(4)
     (lse * w).sum().backward()
@@ -81,17 +81,14 @@ def test_linear_backward_has_no_fp32_weight_sized_buffer():
 # ---------------------------------------------------------------------------- linear, frozen-head forward
 
 
-def test_frozen_head_is_chosen_by_requires_grad():
-    # No switch: grad mode on, hidden requiring grad, weight and bias not -> the frozen-head op; else not.
-    from kernels.cpp_ops.linear_token_logprobs import frozen_head
+def test_sums_forward_is_chosen_by_requires_grad():
+    # No switch: grad mode on and hidden requiring grad -> the forward with the (N, D) sums, whatever the head.
+    from kernels.cpp_ops.linear_token_logprobs import sums_forward
 
-    h, w, b = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4), torch.randn(5)
-    assert frozen_head(h, w, None) and frozen_head(h, w, b)
-    assert not frozen_head(h, w.requires_grad_(), None)
-    assert not frozen_head(h, w.detach(), b.requires_grad_())
-    assert not frozen_head(h.detach(), w.detach(), None)
+    h = torch.randn(3, 4, requires_grad=True)
+    assert sums_forward(h) and not sums_forward(h.detach())
     with torch.no_grad():
-        assert not frozen_head(h, w.detach(), None)
+        assert not sums_forward(h)
 
 
 def test_frozen_head_takes_the_fast_path():
@@ -104,7 +101,7 @@ def test_frozen_head_takes_the_fast_path():
     h0 = torch.randn(n, d, requires_grad=True)
     h = h0 * 1.0  # a non-leaf, so it can be changed in place
     lp, _ = _lin(h, w, t, chunk_size=3)
-    saved = lp.grad_fn.saved_tensors
+    saved = [x for x in lp.grad_fn.saved_tensors if x is not None]
     assert not any(x is h or x.data_ptr() == h.data_ptr() for x in saved), "hidden saved: recompute path"
     assert any(x.shape == (n, d) for x in saved), "no (N, D) expected-row tensor saved"
     h.data.add_(100.0)  # .data: no version bump either way, so only a path that reads hidden sees the change
@@ -112,13 +109,18 @@ def test_frozen_head_takes_the_fast_path():
     h_ref = h0.detach().clone().requires_grad_()
     (linear_token_logprobs_ref(h_ref, w, t) * g).sum().backward()
     torch.testing.assert_close(h0.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
-    # The same with a trainable head takes the recompute path, which reads the changed hidden: wrong gradient.
+    # A trainable head: hidden's gradient comes from the same sums (right), the weight's from the recompute, which
+    # reads the changed hidden (wrong): the check can tell the two apart.
     h0.grad = None
     h = h0 * 1.0
-    lp, _ = _lin(h, w.clone().requires_grad_(), t, chunk_size=3)
+    w_t = w.clone().requires_grad_()
+    lp, _ = _lin(h, w_t, t, chunk_size=3)
     h.data.add_(100.0)
     lp.backward(g)
-    assert not torch.allclose(h0.grad, h_ref.grad, atol=1e-3), "the check cannot tell the two paths apart"
+    torch.testing.assert_close(h0.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
+    w_ref = w.clone().requires_grad_()
+    (linear_token_logprobs_ref(h0.detach(), w_ref, t) * g).sum().backward()
+    assert not torch.allclose(w_t.grad, w_ref.grad, atol=1e-3), "dW did not come from the recompute"
 
 
 def test_frozen_head_lse_gradient():
@@ -176,8 +178,8 @@ def test_opcheck_token_logprobs():
     t = targets((5,), 33)
     torch.library.opcheck(ops.token_logprobs.default, (x, t, 0.9, IGN, True))
     torch.library.opcheck(ops.token_logprobs.default, (x.detach().bfloat16(), t, 1.0, IGN, False))
-    _, lse, ent = ops.token_logprobs(x.detach(), t, 0.9, IGN, True)
-    args = (torch.randn(5), None, torch.randn(5), x.detach(), t, lse, ent, 0.9, IGN)
+    _, _, ent, stats = ops.token_logprobs(x.detach(), t, 0.9, IGN, True)
+    args = (torch.randn(5), None, torch.randn(5), x.detach(), t, stats, ent, 0.9, IGN)
     torch.library.opcheck(ops.token_logprobs_backward.default, args)
 
 
@@ -205,3 +207,27 @@ def test_opcheck_group_advantages():
     r[2] = float("nan")
     for scale in ("group", "batch", "none"):
         torch.library.opcheck(torch.ops.gvu_kernels.group_advantages.default, (r, 4, 1e-4, scale, True))
+
+
+# ------------------------------------------------- fp32 tiles (CPUs without native bf16), forced on this one
+
+
+def test_fp32_tiles_path_matches_the_reference():
+    # The path a CPU without avx512_bf16 / amx_bf16 takes (bf16 / fp16 products in fp32 tiles), forced by
+    # GVU_KERNELS_FP32_TILES=1 (read once per process, so in a fresh one): the low-precision linear tests hold.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    check = "import torch, kernels.cpp_ops as c; assert c.available() and torch.ops.gvu_kernels.fp32_tiles()"
+    root = os.path.dirname(os.path.dirname(here))  # this checkout's kernels, not an installed one
+    env = dict(
+        os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    )
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=root)
+    sel = "cpp and (low_precision or bf16 or frozen_head_matches or chunk_borders or block_borders)"
+    test_file = os.path.join(here, "test_linear_token_logprobs.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", sel]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:]
