@@ -8,7 +8,8 @@ It covers what needs more than one field: the backend (registered, its checkpoin
 options need, a model.memory_budget_gb too small for one row), grpo.rewards (their form and weights, registered
 names, what each needs of the backend and of the prompts' metadata), joint RL (the toy backend, lora.scope=all,
 prompts with questions), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files
-(every line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks (ranges, choices) already ran when the config was loaded (gvu.config.load_config).
+(every line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks
+(ranges, choices) already ran when the config was loaded (gvu.config.load_config).
 """
 
 from __future__ import annotations
