@@ -86,7 +86,7 @@ class Rollout:
         logp = logp.reshape(-1, 1)  # (len(qs) * G, 1): an answer is a one-token sequence
         rows = torch.as_tensor((qs[:, None] * G + np.arange(G)).reshape(-1))
         if update == 0:
-            self.old_logp[rows] = logp.detach().cpu()
+            self.old_logp[rows] = logp.detach().squeeze(1).cpu()
         dev, ones = logp.device, torch.ones_like(logp, dtype=torch.bool)
         ref = None if self.ref_logp is None else self.ref_logp[rows].to(dev).unsqueeze(1)
         loss, m = grpo_loss(
@@ -112,6 +112,8 @@ class UnderstandingTask:
         n_gen = 0 if src == "rendered" else self.n if src == "generated" else self.n - self.n // 2
         rendered, pixels = self.source.rendered(self.n - n_gen, rng)
         gen = self.source.generated([m for m in metas for _ in range(G)], images, n_gen, rng) if n_gen else []
+        if not gen:
+            return rendered, pixels
         return rendered + gen, np.concatenate([pixels, np.asarray(images)[[q.image for q in gen]]]).astype(np.uint8)
 
     @torch.no_grad()

@@ -165,7 +165,7 @@ def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, 
                     acc["und/loss"] += u[0].item() / k
                     acc["und/kl"] += u[1]["und/kl"] / k
                     acc["und/clip_frac"] += u[1]["und/clip_frac"] / k
-                acc["joint/loss"] += float(total) / k
+                acc["joint/loss"] += total.detach().item() / k
             with timer("backward"):
                 engine.backward(total)
             with timer("optimizer"):
