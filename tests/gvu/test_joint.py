@@ -172,3 +172,17 @@ def test_trainer_logs_both_tasks(ckpt, tmp_path):
     asked = sum(m[2][f"und/{k}/asked"] for k in ("count", "color", "size", "shape", "position"))
     assert asked == m[2]["und/questions"] == 6
     assert all(f"und/{k}/accuracy" in m[2] for k in ("count", "color", "size", "shape", "position"))
+
+
+def test_resuming_a_run_saved_before_the_joint_section_sees_no_change(tmp_path):
+    import yaml
+
+    from gvu import run_folder
+    from gvu.config import Config
+
+    saved = Config().to_dict()
+    del saved["joint"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run_folder.check_resume_config(Config(), tmp_path) == []
+    with pytest.raises(ConfigError, match="joint.enabled"):
+        run_folder.check_resume_config(load_config(None, ["--joint.enabled=true"]), tmp_path)
