@@ -8,6 +8,8 @@
 
 One step (docs/DESIGN.md, "One step"): prompts -> rollout (G images each) -> decode -> rewards (grpo.rewards, by
 name) -> advantages -> reference log-probs -> policy update (GRPO loss, backward, optimizer step) -> metrics.
+With joint.enabled, the understanding task (gvu/joint.py) draws its answers before the update and its loss joins
+each micro-batch's backward.
 """
 
 from __future__ import annotations
