@@ -17,6 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+JOINT_SOURCES, QUESTION_KINDS = ("rendered", "generated", "both"), ("count", "color", "size", "shape", "position")
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,11 @@ class ConfigError(ValueError):
             super().__init__(self.problems[0])
         else:
             super().__init__(f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def failing(*checks: tuple[str, object]) -> list[str]:
+    """The messages of the (message, failed) checks that failed, in order."""
+    return [msg for msg, failed in checks if failed]
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -43,20 +49,17 @@ class ModelConfig:
     backend: str = opt("toy", "registered backend name (gvu.models.backend_names(): toy, janus, xomni)")
     path: str = opt("gvu/assets/toy_umm", "checkpoint folder (relative: the cwd, then the repo), or a cached hub id")
     dtype: str = opt("float32", "weights and activations dtype", ("float32", "bfloat16", "float16"))
-    attn_implementation: str = opt(
-        "sdpa", "transformers attention; flash_attention_2 falls back to sdpa without flash-attn",
-        ("sdpa", "eager", "flash_attention_2"),
-    )  # fmt: skip
+    attn_implementation: str = opt("sdpa", "transformers attention; flash_attention_2 falls back to sdpa without "
+        "flash-attn", ("sdpa", "eager", "flash_attention_2"))  # fmt: skip
     gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in backward (less memory)")
     max_rows: int = opt(0, "rows (conditional + unconditional) per forward in rollout and scoring; 0: planned")
     memory_budget_gb: float = opt(0.0, "GiB rows per forward are planned in when max_rows is 0 (gvu/models/rows.py)")
-    instruction: str = opt(
-        "Describe the image in detail.", "janus, xomni: the user text of the reward's understanding turn"
-    )
+    instruction: str = opt("Describe the image in detail.", "janus, xomni: the user text of the reward's "
+        "understanding turn")  # fmt: skip
 
     def problems(self) -> list[str]:
-        bad = min(self.max_rows, self.memory_budget_gb) < 0
-        return ["model.max_rows and model.memory_budget_gb must be >= 0 (0: planned / automatic)"] if bad else []
+        msg = "model.max_rows and model.memory_budget_gb must be >= 0 (0: planned / automatic)"
+        return failing((msg, min(self.max_rows, self.memory_budget_gb) < 0))
 
 
 @dataclass
@@ -64,34 +67,22 @@ class LoraSettings:
     r: int = opt(16, "LoRA rank")
     alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: list[str] = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Linear layer names to adapt (a backend may narrow them to its language model)",
-    )
-    scope: str = opt(
-        "all",
-        "all: one adapter for both directions (the paper); generation: the adapter runs only in generation passes, "
-        "so the reward and every understanding pass are the base's",
-        ("all", "generation"),
-    )
-    image_head: str = opt(
-        "none",
-        "factorised: also train an update of the head's image-code rows as shape + colour + size rows (toy, ZeRO-2)",
-        ("none", "factorised"),
-    )
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear layer names to adapt (a backend may narrow them to its language model)")  # fmt: skip
+    scope: str = opt("all", "all: one adapter for both directions (the paper; joint RL needs it); generation: the "
+        "adapter runs only in generation passes, so the reward and every understanding pass are the base's",
+        ("all", "generation"))  # fmt: skip
+    image_head: str = opt("none", "factorised: also train an update of the head's image-code rows as shape + colour "
+        "+ size rows (toy, ZeRO-2)", ("none", "factorised"))  # fmt: skip
 
     def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"lora.r must be >= 1, got {self.r}")
-        if not self.target_modules:
-            out.append("lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]")
-        if "lm_head" in self.target_modules:
-            out.append(
-                "lora.target_modules names lm_head, whose weight the log-prob kernels read directly, so the adapter "
-                "would be silently ignored; adapt the decoder's layers only"
-            )
-        return out
+        return failing(
+            (f"lora.r must be >= 1, got {self.r}", self.r < 1),
+            ("lora.target_modules is empty; list the Linear layer names to adapt, e.g. [q_proj, v_proj]",
+             not self.target_modules),
+            ("lora.target_modules names lm_head, whose weight the log-prob kernels read directly, so the adapter "
+             "would be silently ignored; adapt the decoder's layers only", "lm_head" in self.target_modules),
+        )  # fmt: skip
 
 
 @dataclass
@@ -117,26 +108,18 @@ class SamplingConfig:
     min_p: float = opt(0.0, "drop codes below min_p x the top probability; 0.0: off")
     cfg_scale: float = opt(1.0, "classifier-free guidance scale; 1.0: off")
     greedy: bool = opt(False, "argmax instead of sampling")
-    cuda_graph: bool = opt(
-        True, "on CUDA, replay each decode step from a captured CUDA graph (sdpa/eager attention, not ZeRO-3); "
-        "falls back to eager decoding with a log line when capture is not possible",
-    )  # fmt: skip
+    cuda_graph: bool = opt(True, "on CUDA, replay each decode step from a captured CUDA graph (sdpa/eager attention, "
+        "not ZeRO-3); falls back to eager decoding with a log line when capture is not possible")  # fmt: skip
 
     def problems(self) -> list[str]:
-        out = []
-        if self.temperature <= 0:
-            out.append(
-                f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}"
-            )
-        if self.top_k < 0:
-            out.append(f"sampling.top_k must be >= 0 (0 disables it); got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            out.append(f"sampling.top_p must be in (0, 1]; got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            out.append(f"sampling.min_p must be in [0, 1); got {self.min_p}")
-        if self.cfg_scale < 1:
-            out.append(f"sampling.cfg_scale must be >= 1 (1 disables guidance); got {self.cfg_scale}")
-        return out
+        return failing(
+            (f"sampling.temperature must be > 0 (use sampling.greedy=true for argmax); got {self.temperature}",
+             self.temperature <= 0),
+            (f"sampling.top_k must be >= 0 (0 disables it); got {self.top_k}", self.top_k < 0),
+            (f"sampling.top_p must be in (0, 1]; got {self.top_p}", not 0 < self.top_p <= 1),
+            (f"sampling.min_p must be in [0, 1); got {self.min_p}", not 0 <= self.min_p < 1),
+            (f"sampling.cfg_scale must be >= 1 (1 disables guidance); got {self.cfg_scale}", self.cfg_scale < 1),
+        )  # fmt: skip
 
 
 @dataclass
@@ -148,9 +131,8 @@ class GRPOSettings:
     eps_high: float = opt(0.2, "upper clip of the ratio (DAPO's clip-higher uses e.g. 0.28)")
     loss_type: str = opt("grpo", "token reduction of the loss (gvu/grpo.py)", LOSS_TYPES)
     updates_per_rollout: int = opt(1, ">1 reuses a rollout for more optimizer steps (off-policy, ratio != 1)")
-    scale_rewards: str = opt(
-        "group", "advantage scale: group std, batch std, or none (Dr. GRPO)", ("group", "batch", "none")
-    )
+    scale_rewards: str = opt("group", "advantage scale: group std, batch std, or none (Dr. GRPO)",
+        ("group", "batch", "none"))  # fmt: skip
     adv_eps: float = opt(1e-4, "added to the std in the advantage's denominator")
     logprob_mode: str = opt(
         "rollout", "rollout: score the CFG-combined distribution rollout sampled from; conditional: the conditional "
@@ -169,20 +151,45 @@ class GRPOSettings:
     micro_batch_size: int = opt(0, "sequences per forward/backward (whole groups); 0: the rank's whole step at once")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.group_size < 2:
-            out.append(f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}")
-        if self.prompts_per_step < 1 or self.updates_per_rollout < 1:
-            out.append("grpo.prompts_per_step and grpo.updates_per_rollout must be >= 1")
-        if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0:
-            out.append("grpo.eps_low, grpo.eps_high and grpo.beta must be >= 0")
         n, mb = self.prompts_per_step * self.group_size, self.micro_batch_size
-        if mb < 0 or (mb and (n % mb or mb % max(self.group_size, 1))):
-            out.append(
-                f"grpo.micro_batch_size={mb} must be a multiple of group_size={self.group_size} that divides "
-                f"prompts_per_step*group_size={n} (or 0 for the whole step at once)"
-            )
-        return out
+        return failing(
+            (f"grpo.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}",
+             self.group_size < 2),
+            ("grpo.prompts_per_step and grpo.updates_per_rollout must be >= 1",
+             min(self.prompts_per_step, self.updates_per_rollout) < 1),
+            ("grpo.eps_low, grpo.eps_high and grpo.beta must be >= 0", min(self.eps_low, self.eps_high, self.beta) < 0),
+            (f"grpo.micro_batch_size={mb} must be a multiple of group_size={self.group_size} that divides "
+             f"prompts_per_step*group_size={n} (or 0 for the whole step at once)",
+             mb < 0 or (mb and (n % mb or mb % max(self.group_size, 1)))),
+        )  # fmt: skip
+
+
+@dataclass
+class JointConfig:
+    """Joint RL (CoRL-style, gvu/joint.py): an understanding task in the same step, on the same adapter (toy only)."""
+
+    enabled: bool = opt(False, "also train understanding: multiple-choice questions about images, GRPO on answers")
+    weight: float = opt(1.0, "und_weight: loss = gen_weight * L_gen + weight * L_und, one backward of the sum")
+    gen_weight: float = opt(1.0, "gen_weight of the generation loss in the joint loss")
+    source: str = opt("rendered", "the questions' images: rendered (fresh scenes of train prompts from (seed, step)), "
+        "generated (this step's rollout; truth = what the exact evaluator reads in it) or both (half each)",
+        JOINT_SOURCES)  # fmt: skip
+    questions_per_step: int = opt(16, "questions per step over all ranks (a question: one fact of a prompt)")
+    group_size: int = opt(8, "answers drawn per question (the group of the relative advantage)")
+    temperature: float = opt(1.0, "softmax temperature of the answer policy over a question's choices")
+    beta: float = opt(0.0, "k3 KL weight of the answers to the adapter-disabled reference; 0 skips that pass")
+    kinds: list[str] = opt(list(QUESTION_KINDS), f"question kinds asked, each drawn equally often: {QUESTION_KINDS}")
+
+    def problems(self) -> list[str]:
+        return failing(
+            (f"joint.questions_per_step must be >= 1, got {self.questions_per_step}", self.questions_per_step < 1),
+            (f"joint.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}",
+             self.group_size < 2),
+            ("joint.temperature must be > 0; joint.beta, joint.weight and joint.gen_weight >= 0",
+             self.temperature <= 0 or min(self.beta, self.weight, self.gen_weight) < 0),
+            (f"joint.kinds={self.kinds}: list one or more of {list(QUESTION_KINDS)}",
+             not self.kinds or set(self.kinds) - set(QUESTION_KINDS)),
+        )  # fmt: skip
 
 
 @dataclass
@@ -192,20 +199,16 @@ class OptimConfig:
     betas: list[float] = opt([0.9, 0.99], "AdamW betas")
     warmup_steps: int = opt(10, "linear warmup steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    schedule: str = opt(
-        "constant", "after warmup: constant, or cosine down to lr x min_lr_ratio", ("constant", "cosine")
-    )
+    schedule: str = opt("constant", "after warmup: constant, or cosine down to lr x min_lr_ratio",
+        ("constant", "cosine"))  # fmt: skip
     min_lr_ratio: float = opt(0.1, "the cosine's final lr as a fraction of lr")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.lr <= 0:
-            out.append(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            out.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2:
-            out.append(f"optim.betas must be two numbers, got {self.betas}")
-        return out
+        return failing(
+            (f"optim.lr must be > 0, got {self.lr}", self.lr <= 0),
+            (f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", not 0 <= self.min_lr_ratio <= 1),
+            (f"optim.betas must be two numbers, got {self.betas}", len(self.betas) != 2),
+        )
 
 
 @dataclass
@@ -215,11 +218,9 @@ class TrainConfig:
     output_dir: str = opt("runs/gvu-toy", "run folder: config, metrics, TensorBoard, samples, adapter, checkpoints")
     deepspeed: str = opt("configs/ds_zero2.json", 'DeepSpeed JSON; its "auto" values are filled from this config')
     log_every: int = opt(10, "print a line every N steps")
-    save_every: int = opt(
-        10,
-        "checkpoint + adapter every N steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1); a kill -9 loses at most "
-        "N - 1 steps. Checkpoints hold only the trained parameters and their optimizer state, so saves are cheap",
-    )
+    save_every: int = opt(10, "checkpoint + adapter every N steps (and at the end, and on SIGTERM/SIGINT/SIGUSR1); "
+        "a kill -9 loses at most N - 1 steps. Checkpoints hold only the trained parameters and their optimizer state, "
+        "so saves are cheap")  # fmt: skip
     keep_checkpoints: int = opt(2, "newest checkpoints kept; older ones are deleted after a save")
     eval_samples: int = opt(16, "samples per held-out prompt in the before/after evaluation")
     eval_before: bool = opt(True, "evaluate the base on the held-out prompts before training")
@@ -227,21 +228,18 @@ class TrainConfig:
     sample_grid_prompts: int = opt(8, "held-out prompts in samples_before/after.png (4 samples each)")
     time_limit_minutes: float = opt(0.0, "stop training (then evaluate and save) after this long; 0: no limit")
     resume: bool = opt(True, "continue from the newest checkpoint in output_dir that loads")
-    allow_changes: list[str] = opt(
-        [], "fields or sections (e.g. [optim.lr] or [grpo]) allowed to differ from the saved config on resume"
-    )
+    allow_changes: list[str] = opt([], "fields or sections (e.g. [optim.lr] or [grpo]) allowed to differ from the "
+        "saved config on resume")  # fmt: skip
     profile: bool = opt(False, "torch.profiler trace of steps 2-4 into output_dir/profile")
     threads: int = opt(0, "torch threads per rank; 0: cores / ranks")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.steps < 0:
-            out.append(f"train.steps must be >= 0, got {self.steps}")
-        if self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
-            out.append("train.save_every, train.keep_checkpoints and train.log_every must be >= 1")
-        if self.eval_samples < 1:
-            out.append(f"train.eval_samples must be >= 1, got {self.eval_samples}")
-        return out
+        return failing(
+            (f"train.steps must be >= 0, got {self.steps}", self.steps < 0),
+            ("train.save_every, train.keep_checkpoints and train.log_every must be >= 1",
+             min(self.save_every, self.keep_checkpoints, self.log_every) < 1),
+            (f"train.eval_samples must be >= 1, got {self.eval_samples}", self.eval_samples < 1),
+        )  # fmt: skip
 
 
 @dataclass
@@ -251,6 +249,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    joint: JointConfig = field(default_factory=JointConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -322,9 +321,7 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
         hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known in {prefix or 'root'}: {names}"
         problems.append(f"unknown config field {prefix}{k}{hint}")
     kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
+    for name in (n for n in names if n in data):
         typ, val = hints[name], data[name]
         if dataclasses.is_dataclass(typ):
             if not isinstance(val, dict):

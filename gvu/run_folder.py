@@ -16,7 +16,7 @@ from gvu.config import Config, ConfigError
 
 LOCK_FILE = ".gvu.lock"
 # sections whose change alters what is trained; a resume refuses them unless train.allow_changes names them
-SHAPING = ("model", "lora", "data", "sampling", "grpo", "optim")
+SHAPING = ("model", "lora", "data", "sampling", "grpo", "joint", "optim")
 
 
 class FolderLocked(RuntimeError):
@@ -69,7 +69,10 @@ def check_resume_config(cfg: Config, run_dir: Path) -> list[tuple[str, object, o
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg.to_dict())
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    # a section added since the run started (e.g. joint) ran at its defaults: compare against those
+    saved = {**{k: v for k, v in Config().to_dict().items() if k not in saved}, **saved}
+    changes = config_changes(saved, cfg.to_dict())
     allowed = set(cfg.train.allow_changes)
     refused = [
         (f, a, b) for f, a, b in changes

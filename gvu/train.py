@@ -8,6 +8,8 @@
 
 One step (docs/DESIGN.md, "One step"): prompts -> rollout (G images each) -> decode -> rewards (grpo.rewards, by
 name) -> advantages -> reference log-probs -> policy update (GRPO loss, backward, optimizer step) -> metrics.
+With joint.enabled, the understanding task (gvu/joint.py) draws its answers before the update and its loss joins
+each micro-batch's backward.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import kernels
 from gvu import checkpoint, run_folder, validate
 from gvu import engine as E
+from gvu import joint as J
 from gvu import preemption as P
 from gvu import rewards as R
 from gvu.config import Config, ConfigError, field_help
@@ -74,8 +77,9 @@ def parse_args(argv: list[str] | None) -> Config:
 # ----------------------------------------------------------------------------------------------- one step
 
 
-def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank: int, timer: PhaseTimer):
-    """One GvU step on this rank's prompts -> (this rank's metrics, the rollout's images (B*G, H, W, 3))."""
+def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank: int, timer: PhaseTimer, task=None):
+    """One GvU step on this rank's prompts -> (this rank's metrics, the rollout's images (B*G, H, W, 3)); `task`: the
+    understanding task of joint RL (gvu.joint.UnderstandingTask), None without."""
     model, g, G = engine.module, cfg.grpo, cfg.grpo.group_size
     prompts = backend.tokenize_prompts([m["prompt"] for m in metas], device=engine.device)
     seed = cfg.train.seed * 1_000_003 + step * 101 + rank
@@ -95,9 +99,11 @@ def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank:
         if g.beta > 0:
             with adapter_disabled(model):
                 ref_logp = score_images(backend, model, prompts, image_tokens, cfg)
+    with timer("und_rollout") if task else nullcontext():  # joint RL: questions, answers drawn, rewards, advantages
+        und = task.rollout(backend, model, metas, images, cfg, step, rank) if task else None
     model.train()
-    losses = update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, cfg, timer)
-    return {**losses, **R.metrics(scores, g), "lr": engine.get_lr()[0]}, images
+    losses = update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, cfg, timer, und)
+    return {**losses, **R.metrics(scores, g), **(und.metrics if und else {}), "lr": engine.get_lr()[0]}, images
 
 
 def reward_teacher(model, cfg: Config):
@@ -114,9 +120,12 @@ def score_images(backend, model, prompts, image_tokens, cfg: Config) -> torch.Te
     )
 
 
-def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, cfg: Config, timer) -> dict:
+def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, cfg: Config, timer, und=None) -> dict:
     """grpo.updates_per_rollout passes of micro-batches (whole groups) through loss, backward and the engine's
-    step (DeepSpeed steps the optimizer at the last micro-batch of each pass) -> mean loss, kl, clip_frac, ratio."""
+    step (DeepSpeed steps the optimizer at the last micro-batch of each pass) -> mean loss, kl, clip_frac, ratio.
+    `und` (joint RL, gvu.joint.Rollout): micro-batch i also carries its share of the questions, and backpropagates
+    joint.gen_weight * loss + joint.weight * und loss in one backward (+ und/loss, und/kl, und/clip_frac,
+    joint/loss)."""
     g, G = cfg.grpo, cfg.grpo.group_size
     N, micro = image_tokens.shape[0], engine.train_micro_batch_size_per_gpu()
     n_micro = N // micro
@@ -125,6 +134,8 @@ def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, 
     # optimizer step, so no extra pass computes them.
     old_logp: torch.Tensor | None = None
     acc = dict.fromkeys(("loss", "kl", "clip_frac", "ratio"), 0.0)
+    if und is not None:
+        acc.update(dict.fromkeys(("und/loss", "und/kl", "und/clip_frac", "joint/loss"), 0.0))
     k = g.updates_per_rollout * n_micro
     for update in range(g.updates_per_rollout):
         for i in range(n_micro):
@@ -147,8 +158,18 @@ def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, 
                     # dapo normalises by the tokens of the whole batch; DeepSpeed averages micro-batches and ranks
                     num_tokens=float(mask.sum()) / n_micro,
                 )
+            total = loss
+            if und is not None:
+                with timer("und_logprobs"):
+                    u = und.loss(backend, engine.module, i, n_micro, update, cfg)
+                if u is not None:
+                    total = cfg.joint.gen_weight * loss + cfg.joint.weight * u[0]
+                    acc["und/loss"] += u[0].item() / k
+                    acc["und/kl"] += u[1]["und/kl"] / k
+                    acc["und/clip_frac"] += u[1]["und/clip_frac"] / k
+                acc["joint/loss"] += total.detach().item() / k
             with timer("backward"):
-                engine.backward(loss)
+                engine.backward(total)
             with timer("optimizer"):
                 engine.step()
             acc["loss"] += loss.item() / k
@@ -209,6 +230,7 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
         train_metas, cfg.grpo.prompts_per_step, cfg.data.seed, rank, world, balance_tags=cfg.data.balance_tags
     )
     evaluator = evaluator_for(cfg)
+    task = J.UnderstandingTask(cfg, train_metas, world) if cfg.joint.enabled else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(
         f"GvU | model {cfg.model.backend}:{cfg.model.path} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -251,7 +273,7 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
     for step in progress(range(start_step, cfg.train.steps), "train", enabled=is_main):
         t0, timer.step = time.time(), step + 1
         metas = sampler.batch(step)
-        metrics, images = train_step(engine, backend, metas, cfg, step, rank, timer)
+        metrics, images = train_step(engine, backend, metas, cfg, step, rank, timer, task)
         if evaluator:
             metrics.update(evaluator.rollout_metrics(metas, images, cfg.grpo.group_size))
         phases = timer.pop()
@@ -260,6 +282,8 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
         metrics.update({f"time/{k}": v for k, v in phases.items()})
         metrics["time/step"] = time.time() - t0
         metrics = all_reduce_mean(metrics, world)
+        if task:  # per-kind accuracy from the counts summed over ranks
+            metrics.update(J.per_kind_accuracy(metrics, task.kinds))
         steps_done = step + 1
         writer.log(steps_done, metrics)
         if profiler is not None:
@@ -303,9 +327,10 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
 
 def step_line(step: int, steps: int, m: dict, phases: dict) -> str:
     top = ", ".join(f"{k} {phases.get(k, 0):.2f}" for k in ("rollout", "reward", "backward"))
+    und = f"und acc {m['und/accuracy']:.3f} reward {m['und/reward/mean']:.3f} | " if "und/accuracy" in m else ""
     return (
         f"step {step:4d}/{steps} | reward {m['reward/mean']:.4f} | score {m.get('train/score', float('nan')):.3f} | "
-        f"loss {m['loss']:+.4f} | kl {m['kl']:.4f} | {m['time/step']:.2f}s/step ({top})"
+        f"loss {m['loss']:+.4f} | kl {m['kl']:.4f} | {und}{m['time/step']:.2f}s/step ({top})"
     )
 
 

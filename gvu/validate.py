@@ -6,9 +6,10 @@
 
 It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
 options need, a model.memory_budget_gb too small for one row), grpo.rewards (their form and weights, registered
-names, what each needs of the backend and of the prompts' metadata), the DeepSpeed JSON and its ZeRO stage, the per-rank
-batch arithmetic, the prompt files (every line), the tags, and every prompt's words against a backend with a closed
-vocabulary. Field-level checks (ranges, choices) already ran when the config was loaded (gvu.config.load_config).
+names, what each needs of the backend and of the prompts' metadata), joint RL (the toy backend, lora.scope=all,
+prompts with questions), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files
+(every line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks
+(ranges, choices) already ran when the config was loaded (gvu.config.load_config).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def engine_problems(cfg: Config, world: int) -> list[str]:
                 "train.deepspeed=configs/ds_zero2.json or lora.image_head=none"
             )
     g = cfg.grpo
+    if cfg.joint.enabled and cfg.joint.questions_per_step % world:
+        out.append(f"joint.questions_per_step={cfg.joint.questions_per_step} must be divisible by the ranks ({world})")
     if g.prompts_per_step % world:
         out.append(f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the number of ranks ({world})")
     else:
@@ -117,7 +120,7 @@ def data_problems(cfg: Config) -> list[str]:
     out = []
     if not train:
         out.append("the training set is empty (data.prompts / data.train_tags)")
-    out += metadata_problems(cfg, train)
+    out += metadata_problems(cfg, train) + joint_problems(cfg, train)
     try:
         backend = backend_class(cfg.model.backend)
     except ConfigError:
@@ -146,3 +149,33 @@ def metadata_problems(cfg: Config, train: list[dict]) -> list[str]:
         f"grpo.rewards: {', '.join(readers)} read the prompts' GenEval metadata, but {len(bare)} training prompts have "
         f"no 'include' list (e.g. {bare[0]!r}); give data.prompts GenEval-format lines with include"
     ]
+
+
+def joint_problems(cfg: Config, train: list[dict]) -> list[str]:
+    """Joint RL needs exact answers (the toy world), the adapter in the understanding pass, and prompts to ask about."""
+    if not cfg.joint.enabled:
+        return []
+    out = []
+    if cfg.lora.scope != "all":
+        out.append(
+            f"joint.enabled trains the understanding through the adapter, but lora.scope={cfg.lora.scope} runs every "
+            "understanding pass with the adapter off, so the understanding loss would reach no weight: set "
+            "lora.scope=all"
+        )
+    if cfg.model.backend != "toy":
+        return out + [
+            f"joint.enabled needs questions about images with exact answers; those come from the shapes world "
+            f"(gvu/toy/questions.py: rendered scenes and the exact evaluator), which model.backend="
+            f"{cfg.model.backend!r} lacks. A real UMM would need a question source with verified answers "
+            "(a VQA set with ground truth, or GenEval's detector to read its own generations) and free-text "
+            "questions (Ability.QUESTIONS); use model.backend=toy"
+        ]
+    from gvu.toy.questions import ToyQuestions
+
+    if not ToyQuestions(train, cfg.joint.kinds).kinds:
+        out.append(
+            f"joint.enabled: no training prompt states a fact of joint.kinds={cfg.joint.kinds} in the shapes world's "
+            "grammar (a photo of NP (and NP)* | NP REL NP, with GenEval include metadata); widen data.train_tags or "
+            "joint.kinds"
+        )
+    return out

@@ -3,9 +3,9 @@
 generation_scores: rollout -> pixels -> read back -> exact evaluator; per-tag accuracy, overall = mean over
     tags, standard errors clustered by prompt (gvu.evaluate.generation_summary).
 understanding_scores: (i) greedy caption accuracy (the caption, parsed, is true for the scene) and (ii) for
-    each word type (count, color, position, shape), how often the intrinsic reward of the true prompt beats a
-    one-word-perturbed false prompt on the same image. Gate RL on (ii): a reward blind to a word type gets
-    hacked on it (docs/results/README.md, prototype facts).
+    each word type (count, color, position, shape, size: the paper's sensitivity check), how often the intrinsic
+    reward of the true prompt beats a one-word-perturbed false prompt on the same image. Gate RL on (ii): a reward
+    blind to a word type gets hacked on it (docs/results/README.md, prototype facts).
 imbalance (UniRL's): of the generated images the exact evaluator calls correct, the fraction the model's own
     understanding misreads, and of those it calls wrong, the fraction the understanding reads as matching the
     prompt, per tag and overall (pooled over images). The reading asks the understanding each fact of the prompt

@@ -222,7 +222,7 @@ def make_prompt_sets(seed: int = 0, eval_per_tag: int = 16) -> tuple[list[dict],
 
 
 def _perturbations(meta: dict, kind: str) -> list[dict]:
-    """Every one-word change of `kind` (count, color, position, shape) to `meta`, as new metas."""
+    """Every one-word change of `kind` (count, color, position, shape, size) to `meta`, as new metas."""
     inc = meta["include"]
     out = []
     for i, e in enumerate(inc):
@@ -234,6 +234,8 @@ def _perturbations(meta: dict, kind: str) -> list[dict]:
         elif kind == "shape":
             used = {x["class"] for j, x in enumerate(inc) if j != i}
             alts = [dict(e, **{"class": s}) for s in SHAPES if s != e["class"] and s not in used]
+        elif kind == "size" and "size" in e:
+            alts = [dict(e, size=z) for z in SIZES if z != e["size"]]
         elif kind == "position" and "position" in e:
             alts = [dict(e, position=[OPPOSITE[e["position"][0]], e["position"][1]])]
         elif kind not in PERTURB_KINDS:
@@ -246,8 +248,8 @@ def _perturbations(meta: dict, kind: str) -> list[dict]:
 
 
 def perturb(meta: dict, kind: str, rng: random.Random, image=None) -> dict | None:
-    """One-word-changed metadata whose prompt is false: count (number word), color, shape, or position (the
-    opposite relation, always false when the original holds). With `image` (codes or pixels) the result is
+    """One-word-changed metadata whose prompt is false: count (number word), color, shape, size (the other one), or
+    position (the opposite relation, always false when the original holds). With `image` (codes or pixels) the result is
     checked to be false for it; without, a count change from 'a' may still be true ("a circle" -> "two
     circles" when the scene has two). None when no such change exists (e.g. position on a prompt without one).
     """

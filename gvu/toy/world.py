@@ -67,7 +67,7 @@ TAGS = (
     "position_size",
     "multi_count",
 )
-PERTURB_KINDS = ("count", "color", "position", "shape")
+PERTURB_KINDS = ("count", "color", "position", "shape", "size")  # size last: the others draw as before it existed
 
 
 # ----------------------------------------------------------------------------------------------- codes

@@ -1,0 +1,169 @@
+"""Joint RL (CoRL-style): the understanding task of a training step, beside generation, on the same adapter.
+
+With `joint.enabled`, each step on each rank (Q = joint.questions_per_step / ranks questions, G = joint.group_size):
+    questions   gvu/toy/questions.py: Q multiple-choice questions about images (rendered scenes of train prompts,
+                this step's rollout images, or both: joint.source), every choice judged by the exact evaluator
+    scores      backend.answer_logprobs, one teacher-forced pass: s[q, c] = sum_j log p(choice_j | image, question)
+    policy      pi(c | q, image) = softmax_c(s[q, c] / joint.temperature) over the question's choices
+    rollout     G answers per question drawn from pi, no grad, at this step's weights (the images' too)
+    rewards     1.0 when the drawn choice holds for the image (exact), else 0.0
+    advantages  kernels.group_advantages over each question's G answers (grpo.scale_rewards, grpo.adv_eps)
+    reference   log pi_ref(chosen) with the adapter disabled (joint.beta > 0)
+    loss        gvu.grpo.grpo_loss on log pi(chosen), each answer a one-token sequence (clipped surrogate with
+                grpo.eps_low/high, k3 KL), recomputed with grad in train.update_policy: the questions are split over
+                the generation's micro-batches and micro-batch i backpropagates
+                gen_weight * L_gen_i + weight * L_und_i * (Q_i * n_micro / Q), so DeepSpeed's mean over the
+                micro-batches of one optimizer step is gen_weight * L_gen + weight * L_und (one backward per
+                micro-batch, one engine.step at the boundary, as without joint RL)
+Exact answers exist only in the toy world: the configuration check refuses joint RL on other backends.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import kernels
+from gvu.grpo import grpo_loss
+from gvu.models import adapter_disabled
+
+
+def choice_scores(backend, model, images, questions) -> torch.Tensor:
+    """s[q, c] = sum of the log-probs of choice c's tokens after question q about images[q] -> fp32 (Q, C_max),
+    -inf where question q has fewer choices. images uint8 (Q, H, W, 3); one answer_logprobs pass over every choice."""
+    n = [len(q.choices) for q in questions]
+    rows = np.repeat(np.arange(len(questions)), n)
+    asked = [q.question for q in questions for _ in q.choices]
+    logp, mask = backend.answer_logprobs(model, images[rows], asked, [c for q in questions for c in q.choices])
+    s = (logp * mask).sum(1)
+    out = torch.full((len(questions), max(n)), float("-inf"), dtype=torch.float32, device=s.device)
+    cols = torch.as_tensor(np.concatenate([np.arange(k) for k in n]), device=s.device)
+    return out.index_put((torch.as_tensor(rows, device=s.device), cols), s.float())
+
+
+def policy_logprobs(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(c | q) = log_softmax(s / T) over each row's choices: fp32 (Q, C) -> (Q, C), -inf stays -inf."""
+    return torch.log_softmax(scores / temperature, dim=1)
+
+
+def draw_answers(logp: torch.Tensor, G: int, generator: torch.Generator) -> torch.Tensor:
+    """G answers per question from pi = exp(logp) (Q, C), with replacement -> int64 (Q, G)."""
+    return torch.multinomial(logp.exp().cpu(), G, replacement=True, generator=generator)
+
+
+def truth_table(questions, C: int) -> torch.Tensor:
+    """bool (Q, C): choice c of question q holds for its image (False at padding)."""
+    t = torch.zeros((len(questions), C), dtype=torch.bool)
+    for i, q in enumerate(questions):
+        t[i, : len(q.truth)] = torch.tensor(q.truth)
+    return t
+
+
+@dataclass
+class Rollout:
+    """This rank's understanding rollout of one step (Q questions, G answers each, row q*G + g)."""
+
+    images: np.ndarray  # uint8 (Q, H, W, 3): question q's image
+    questions: list
+    chosen: torch.Tensor  # int64 (Q, G)
+    advantages: torch.Tensor  # fp32 (Q*G,)
+    ref_logp: torch.Tensor | None  # fp32 (Q*G,), joint.beta > 0
+    old_logp: torch.Tensor  # fp32 (Q*G,): update 0's log pi(chosen), the old policy of later updates
+    metrics: dict = field(default_factory=dict)
+
+    def loss(self, backend, model, part: int, parts: int, update: int, cfg) -> tuple[torch.Tensor, dict] | None:
+        """Micro-batch `part` of `parts`: its questions' GRPO loss with grad, scaled so that the mean over the parts
+        is the loss of all Q questions (module docstring) -> (loss, {und/kl, und/clip_frac}); None without questions."""
+        Q, G = len(self.questions), self.chosen.shape[1]
+        qs = np.array_split(np.arange(Q), parts)[part]
+        if not len(qs):
+            return None
+        scores = choice_scores(backend, model, self.images[qs], [self.questions[i] for i in qs])
+        logp = policy_logprobs(scores, cfg.joint.temperature).gather(1, self.chosen[qs].to(scores.device))
+        logp = logp.reshape(-1, 1)  # (len(qs) * G, 1): an answer is a one-token sequence
+        rows = torch.as_tensor((qs[:, None] * G + np.arange(G)).reshape(-1))
+        if update == 0:
+            self.old_logp[rows] = logp.detach().squeeze(1).cpu()
+        dev, ones = logp.device, torch.ones_like(logp, dtype=torch.bool)
+        ref = None if self.ref_logp is None else self.ref_logp[rows].to(dev).unsqueeze(1)
+        loss, m = grpo_loss(
+            logp, self.old_logp[rows].to(dev).unsqueeze(1), self.advantages[rows].to(dev), ones, ref_logp=ref,
+            beta=cfg.joint.beta, eps_low=cfg.grpo.eps_low, eps_high=cfg.grpo.eps_high,
+        )  # fmt: skip
+        return loss * (len(qs) * parts / Q), {"und/kl": m["kl"].item(), "und/clip_frac": m["clip_frac"].item()}
+
+
+class UnderstandingTask:
+    """The questions' source for a run (toy only) and the understanding rollout of each step."""
+
+    def __init__(self, cfg, train_metas: list[dict], world: int):
+        from gvu.toy.questions import ToyQuestions  # exact answers come from the shapes world (validate: toy only)
+
+        self.source = ToyQuestions(train_metas, cfg.joint.kinds)
+        self.kinds = list(cfg.joint.kinds)
+        self.n = cfg.joint.questions_per_step // world
+
+    def questions(self, metas, images, cfg, rng: random.Random):
+        """This step's questions and their images (uint8 (Q, H, W, 3)) under joint.source."""
+        G, src = cfg.grpo.group_size, cfg.joint.source
+        n_gen = 0 if src == "rendered" else self.n if src == "generated" else self.n - self.n // 2
+        rendered, pixels = self.source.rendered(self.n - n_gen, rng)
+        gen = self.source.generated([m for m in metas for _ in range(G)], images, n_gen, rng) if n_gen else []
+        if not gen:
+            return rendered, pixels
+        return rendered + gen, np.concatenate([pixels, np.asarray(images)[[q.image for q in gen]]]).astype(np.uint8)
+
+    @torch.no_grad()
+    def rollout(self, backend, model, metas, images, cfg, step: int, rank: int) -> Rollout:
+        """Questions, scores, G answers each, rewards, advantages, reference -> Rollout; model in eval mode."""
+        j, g = cfg.joint, cfg.grpo
+        rng = random.Random(f"joint/{cfg.train.seed}/{step}/{rank}")  # str seeds are hashed stably (sha512)
+        questions, qimages = self.questions(metas, images, cfg, rng)
+        gen = torch.Generator().manual_seed(rng.getrandbits(63))
+        Q, G = len(questions), j.group_size
+        if not Q:
+            return Rollout(qimages, [], torch.zeros((0, G), dtype=torch.long), torch.zeros(0), None, torch.zeros(0),
+                           self.metrics(questions, torch.zeros(0, 1), torch.zeros((0, 1), dtype=torch.bool),
+                                        torch.zeros(0), G))  # fmt: skip
+        logp = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
+        chosen = draw_answers(logp, G, gen)
+        truth = truth_table(questions, logp.shape[1])
+        rewards = truth.gather(1, chosen).float().reshape(-1)
+        adv = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
+        ref = None
+        if j.beta > 0:
+            with adapter_disabled(model):
+                ref_all = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
+            ref = ref_all.gather(1, chosen).reshape(-1)
+        return Rollout(qimages, questions, chosen, adv, ref, torch.zeros(Q * G), self.metrics(questions, logp, truth,
+                       rewards, G))  # fmt: skip
+
+    def metrics(self, questions, logp, truth, rewards, G) -> dict[str, float]:
+        """und/{reward/mean, reward/group_std, accuracy (the most likely choice holds), p_true (pi's mass on true
+        choices), questions} and und/<kind>/{asked, correct} for every configured kind (per_kind_accuracy)."""
+        Q = len(questions)
+        greedy = truth.gather(1, logp.argmax(1, keepdim=True)).squeeze(1) if Q else torch.zeros(0, dtype=torch.bool)
+        out = {
+            "und/reward/mean": rewards.mean().item() if Q else float("nan"),
+            "und/reward/group_std": rewards.view(-1, G).std(1).mean().item() if Q else 0.0,
+            "und/accuracy": greedy.float().mean().item() if Q else float("nan"),
+            "und/p_true": (logp.exp() * truth).sum(1).mean().item() if Q else float("nan"),
+            "und/questions": float(Q),
+        }
+        for k in self.kinds:
+            sel = [i for i, q in enumerate(questions) if q.kind == k]
+            out[f"und/{k}/asked"] = float(len(sel))
+            out[f"und/{k}/correct"] = float(greedy[sel].sum()) if sel else 0.0
+        return out
+
+
+def per_kind_accuracy(metrics: dict, kinds) -> dict[str, float]:
+    """und/<kind>/accuracy = correct / asked of the (rank-averaged) counts; NaN for a kind not asked this step."""
+    out = {}
+    for k in kinds:
+        n = metrics.get(f"und/{k}/asked", 0.0)
+        out[f"und/{k}/accuracy"] = metrics.get(f"und/{k}/correct", 0.0) / n if n else float("nan")
+    return out

@@ -1,0 +1,129 @@
+"""The toy's understanding questions with exact answers, for joint RL (gvu/joint.py).
+
+A question is one fact of a prompt's GenEval metadata (an entry's count >= 2, colour, size or shape, or the
+relation), asked as a multiple choice on the caption language (the toy has no Ability.QUESTIONS): its choices are
+the prompt with that fact set to each answer of its kind (the prompt's own among them), cut after the words every
+choice shares. "a photo of three red circles", count -> question "a photo of", choices "two red circles",
+"three red circles", "four red circles". A choice carries the rest of its prompt, so it is a whole statement about
+the image and the exact evaluator decides it: truth[c] = the scene satisfies choice c's prompt. A one-word cloze
+("a photo of" -> "three") would not be: with two counted entries both numbers may start a true caption.
+
+A rendered scene (world.sample_scene: exactly the prompt's objects, the relation alone) satisfies exactly one
+choice, the prompt's own. A generated image is judged for what it shows, not for its prompt: it may satisfy
+several choices (any of them is right) or none (no right answer among the choices: not asked).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from gvu.rewards import qa
+from gvu.toy import prompts as WP
+from gvu.toy import world as W
+
+KINDS = ("count", "color", "size", "shape", "position")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question: `image` indexes the images it is asked about; truth[c]: choice c holds."""
+
+    kind: str
+    question: str
+    choices: tuple[str, ...]
+    truth: tuple[bool, ...]
+    image: int
+
+
+def _alternatives(meta: dict, kind: str, j: int) -> list[dict]:
+    """Entry j of the include list set to every answer of `kind`, the entry's own included, in a fixed order."""
+    inc, e = meta["include"], meta["include"][j]
+    if kind == "count":
+        return [dict(e, count=n) for n in (2, 3, 4)]
+    if kind in ("color", "size"):
+        return [dict(e, **{kind: v}) for v in (W.COLORS if kind == "color" else W.SIZES)]
+    if kind == "shape":  # not another entry's class: "a star and a star" is one star
+        used = {x["class"] for i, x in enumerate(inc) if i != j}
+        return [dict(e, **{"class": s}) for s in W.SHAPES if s not in used]
+    return [dict(e, position=[r, e["position"][1]]) for r in W.RELATIONS]
+
+
+def facts(meta: dict, kinds=KINDS) -> list[tuple[str, str, list[dict]]]:
+    """(kind, question, [choice metas]) per fact of `meta` whose kind is in `kinds`, choices' prompts cut after the
+    question's words; [] for a prompt outside the world's grammar."""
+    found = qa.slots(meta)
+    if found is None:
+        return []
+    out = []
+    for kind, _, _, j in found[1]:
+        kind = "shape" if kind == "object" else kind
+        if kind not in kinds:
+            continue
+        variants = []
+        for alt in _alternatives(meta, kind, j):
+            inc = [dict(x) for x in meta["include"]]
+            inc[j] = alt
+            variants.append(WP.make_meta(meta["tag"], inc))
+        texts = [v["prompt"].split() for v in variants]
+        if meta["prompt"] not in [v["prompt"] for v in variants]:
+            continue  # a wording make_meta does not write back: its choices would not be its prompt's
+        p = 0
+        while all(len(t) > p and t[p] == texts[0][p] for t in texts):
+            p += 1
+        out.append((kind, " ".join(texts[0][:p]), variants))
+    return out
+
+
+def ask(kind: str, question: str, variants: list[dict], codes: np.ndarray, image: int) -> Question:
+    """The question about the scene `codes` int (36,): the choices' words after the question, judged exactly."""
+    n = len(question.split())
+    choices = tuple(" ".join(v["prompt"].split()[n:]) for v in variants)
+    return Question(kind, question, choices, tuple(W.evaluate(v, codes) for v in variants), image)
+
+
+class ToyQuestions:
+    """Questions of a step: `rendered(n, rng)` about fresh scenes of the train prompts, `generated(metas, images, n,
+    rng)` about rollout images. Each question's kind is drawn uniformly from `kinds` (position facts are rarer than
+    shape facts in the prompts), then a prompt with such a fact."""
+
+    def __init__(self, train_metas: list[dict], kinds=KINDS):
+        self.kinds = tuple(k for k in KINDS if k in kinds)
+        self.by_kind = {k: [] for k in self.kinds}
+        for m in train_metas:  # the facts' kinds from the slots alone: building every choice would take seconds
+            found = qa.slots(m)
+            for k in dict.fromkeys("shape" if s[0] == "object" else s[0] for s in (found[1] if found else [])):
+                if k in self.by_kind:
+                    self.by_kind[k].append(m)
+        self.kinds = tuple(k for k in self.kinds if self.by_kind[k])
+
+    def rendered(self, n: int, rng: random.Random) -> tuple[list[Question], np.ndarray]:
+        """n questions, one per fresh scene -> (questions, uint8 pixels (n, 96, 96, 3))."""
+        out, scenes = [], []
+        for i in range(n):
+            kind = rng.choice(self.kinds)
+            meta = rng.choice(self.by_kind[kind])
+            scene = W.sample_scene(meta, rng)
+            _, q, variants = rng.choice([f for f in facts(meta, (kind,))])
+            out.append(ask(kind, q, variants, scene, i))
+            scenes.append(scene)
+        return out, W.render(np.stack(scenes)) if scenes else np.zeros((0, 96, 96, 3), np.uint8)
+
+    def generated(self, metas: list[dict], images: np.ndarray, n: int, rng: random.Random) -> list[Question]:
+        """Up to n questions about the rollout's images (row i shows metas[i]'s prompt; image = the row), truth read
+        from the pixels; only questions with a right answer among their choices."""
+        codes = W.read_image(np.asarray(images))
+        pool: dict[str, list[Question]] = {k: [] for k in self.kinds}
+        asked = {m["prompt"]: facts(m, self.kinds) for m in metas}  # G samples share a prompt
+        for i, (m, c) in enumerate(zip(metas, codes, strict=True)):
+            for kind, q, variants in asked[m["prompt"]]:
+                x = ask(kind, q, variants, c, i)
+                if any(x.truth):
+                    pool[kind].append(x)
+        out = []
+        while len(out) < n and any(pool.values()):
+            kind = rng.choice([k for k in self.kinds if pool[k]])
+            out.append(pool[kind].pop(rng.randrange(len(pool[kind]))))
+        return out
