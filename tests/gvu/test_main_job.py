@@ -74,7 +74,8 @@ def test_main_job_short(tmp_path, ranks):
 def test_main_job_full_improves_generation_and_keeps_understanding(tmp_path):
     """The default job exactly as the README runs it (target: >= +50% relative, understanding not worse).
 
-    Measured: +79% (this exact run, 0.234 -> 0.418), +76% and +89% (seeds 1, 2) with the factorised image-head update;
+    Measured: +73% (this exact run, 0.234 -> 0.404, docs/results/toy-default-rollout-loop); before the shared decode
+    loop +79% (0.418), +76% and +89% (seeds 1, 2) with the factorised image-head update;
     +53% to +57% without it; +40% to +49% with the earlier constant lr (README "Results"). ~6 min on 2 cores."""
     launch([f"--train.output_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=3600)
     res = check_run_folder(tmp_path / "run")
