@@ -37,7 +37,7 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature-scaled, top-k / top-p / min-p filtered fp32 logits (N, V); filtered entries are -inf."""
-    z = logits.float() / cfg.temperature
+    z = logits.float() if cfg.temperature == 1 else logits.float() / cfg.temperature  # x / 1 is exact: skip the pass
     V = z.shape[-1]
     if cfg.top_k and cfg.top_k < V:
         kth = torch.topk(z, cfg.top_k, dim=-1).values[..., -1:]
@@ -236,7 +236,7 @@ def sample_images(
     if static is None:
         static = mask.device.type == "cuda" and sampling.cuda_graph and _graph_safe(body, attn)
     args = (cache, forward, next_logits(h), full_mask, pos[index, -1:] + 1, P, n, steps, width, sampling, generator)
-    return _static_steps(*args, attn=attn) if static else _dynamic_steps(*args)
+    return _static_steps(*args, attn=attn) if static else _dynamic_steps(*args, attn=attn)
 
 
 def _graph_safe(body: torch.nn.Module, attn: str) -> bool:
@@ -250,9 +250,14 @@ def _graph_safe(body: torch.nn.Module, attn: str) -> bool:
     return True
 
 
-def _dynamic_steps(cache, forward, z, full_mask, next_pos, T, n, steps, width, sampling, generator):
-    """The decode loop over a growing view of the cache and the 2D mask: attention reads only the filled part."""
-    out = torch.empty((n, steps), dtype=torch.long, device=full_mask.device)
+def _dynamic_steps(cache, forward, z, full_mask, next_pos, T, n, steps, width, sampling, generator, attn="sdpa"):
+    """The decode loop over a growing view of the cache: attention reads only the filled part. With SDPA the mask
+    goes in as a 4D boolean view (rows, 1, 1, T) of one preallocated tensor, which transformers passes through as
+    it is, instead of rebuilding it from the 2D mask every step (the same booleans); other attentions get the 2D."""
+    dev = full_mask.device
+    keys = full_mask.bool()[:, None, None, :] if attn == "sdpa" else None
+    cols = torch.arange(full_mask.shape[1], device=dev)
+    out = torch.empty((n, steps), dtype=torch.long, device=dev)
     for t in range(steps):
         tok = sample_next(z, sampling, generator)
         out[:, t] = tok
@@ -260,7 +265,14 @@ def _dynamic_steps(cache, forward, z, full_mask, next_pos, T, n, steps, width, s
             break
         k = width(t)
         T += k
-        z = forward(tok, t, full_mask[:, :T], next_pos + torch.arange(k, device=full_mask.device))
+        ar = torch.arange(k, device=dev)
+        if keys is None:
+            mask_now = full_mask[:, :T]
+        elif k == 1:
+            mask_now = keys[..., :T]
+        else:  # a step of k tokens: query i sees the keys up to its own position T - k + i
+            mask_now = keys[..., :T] & (cols[:T] <= (T - k + ar)[:, None])
+        z = forward(tok, t, mask_now, next_pos + ar)
         next_pos = next_pos + k
     return out
 
