@@ -69,9 +69,10 @@ def tiny_janus_config(vocab_size: int, image_token_id: int, **text_overrides):
 def real_layout_janus_config(vocab_size: int, image_token_id: int, hidden: int = 256, layers: int = 2):
     """A random JanusConfig with Janus-Pro's layout and a small body: 384 px images as a 24 x 24 grid of 576 codes
     from 16384 (the VQ's 5 levels, 8-dim codes, at 32 base channels instead of 128), SigLIP d=64 x 1 at 384 / 16
-    (576 understanding tokens), generation head and embeddings at the body's width (Janus-Pro: 2048 = d), and a
+    (576 understanding tokens), generation head and embeddings at the body's width (Janus-Pro: 2048 = d), Janus-Pro's
+    text vocabulary of 102400 (what a full-logits reward pays for; the tiny tokenizer uses the first ids), and a
     Llama body d=`hidden` x `layers` (heads of 64, MLP 2.75 d, as Janus-Pro-1B's 2048 / 5632)."""
-    return _janus_layout_config(vocab_size, image_token_id, hidden, layers, full=False)
+    return _janus_layout_config(max(vocab_size, 102400), image_token_id, hidden, layers, full=False)
 
 
 def janus_pro_1b_config(vocab_size: int, image_token_id: int):
