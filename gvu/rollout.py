@@ -217,11 +217,15 @@ def sample_images(
     full_mask = torch.ones((index.shape[0], P + fed_len), dtype=torch.long, device=mask.device)
     full_mask[:, :P] = mask[index]
 
+    s = sampling.cfg_scale
+
     def next_logits(h: torch.Tensor) -> torch.Tensor:
         z = logits(h).float()
         if cfg:
             z = z.log_softmax(-1) if cfg_space == "logprobs" else z
-            z = cfg_combine(z[:n], z[n:], sampling.cfg_scale)
+            # greedy: transformers' own formula, so argmax parity is bitwise; sampling: the same line in one pass
+            # (torch.lerp extrapolates at weights > 1; it rounds differently, which only sampling sees)
+            z = cfg_combine(z[:n], z[n:], s) if sampling.greedy else torch.lerp(z[n:], z[:n], s)
         return z
 
     def forward(tok: torch.Tensor, t: int, mask_now, positions) -> torch.Tensor:

@@ -127,3 +127,30 @@ def test_the_fixed_shape_decode_samples_what_the_growing_one_does(llama, attn, c
             assert torch.equal(outs[0], outs[1])
     finally:
         llama.config._attn_implementation = "sdpa"
+
+
+def test_sampled_cfg_combines_as_the_greedy_formula_does(llama, monkeypatch):
+    """Sampling combines the branches with torch.lerp (one pass), greedy with transformers' formula: the logits
+    handed to the sampler agree to rounding (a swapped lerp argument would not)."""
+    import gvu.rollout as R
+
+    torch.manual_seed(3)
+    ids = torch.randint(1, 50, (2, 5))
+    mask = torch.ones_like(ids)
+    seen = []
+
+    def record(z, sampling, generator=None):
+        seen.append(z.clone())
+        return z.argmax(-1)
+
+    monkeypatch.setattr(R, "sample_next", record)
+    common = dict(
+        steps=3, fed_len=2, feed=lambda tok, t: {"input_ids": tok[:, None] + 20}, logits=torch.nn.Linear(32, 16)
+    )
+    uncond = ({"input_ids": torch.ones_like(ids)}, mask)
+    for greedy in (True, False):
+        R.sample_images(llama, {"input_ids": ids}, mask, torch.tensor([2, 1]), uncond=uncond,
+                        sampling=SamplingConfig(greedy=greedy, cfg_scale=4.0), **common)  # fmt: skip
+    assert len(seen) == 6
+    for a, b in zip(seen[:3], seen[3:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
