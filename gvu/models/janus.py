@@ -247,21 +247,16 @@ class JanusUMM:
     def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
         """Sample `num_samples` images per prompt -> codes int64 (B*G, L); row b*G+g is sample g of prompt b.
 
-        KV-cache loop over chunks of at most max_rows rows: prefill the left-padded prefixes (conditional rows,
-        then with cfg_scale > 1 the unconditional ones), then one forward per code fed through the generation
+        gvu.rollout.sample_images over chunks of at most max_rows rows: each prompt prefilled once (with its
+        unconditional row at cfg_scale > 1) for its samples, then one forward per code fed through the generation
         embeddings. Logits come from the generation head, CFG-combined, then temperature / top-k / top-p / min-p.
         With greedy sampling this reproduces JanusForConditionalGeneration.generate(generation_mode="image").
         """
         B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
-        out = torch.empty((B * G, self.image_len), dtype=torch.long, device=prompts.gen_ids.device)
         P = prompts.gen_ids.shape[1]
         step = self.rows.chunk("rollout", B * G, cfg, model, P + self.image_len, prefix_len=P)
-        s = 0
-        for idx, counts in prompt_groups(B, G, step):
-            rows = prompts[idx.tolist()]
-            out[s : s + int(counts.sum())] = self._generate_rows(model, rows, counts, sampling, generator)
-            s += int(counts.sum())
-        return out
+        chunks = prompt_groups(B, G, step)
+        return torch.cat([self._generate_rows(model, prompts[i.tolist()], c, sampling, generator) for i, c in chunks])
 
     def _generate_rows(self, model, p: PromptBatch, counts: torch.Tensor, sampling: SamplingConfig, generator):
         """counts[i] images of prompt row i -> codes (sum(counts), L): gvu.rollout.sample_images on Janus' layout

@@ -224,10 +224,10 @@ class ToyUMM:
     def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
         """Sample `num_samples` images per prompt -> codes int64 (B*G, 36); row b*G+g is sample g of prompt b.
 
-        A batched KV-cache loop per chunk of rows: prefill the left-padded prefixes, then one forward per code,
-        except that a row's last code and its forced <eor> go in together (36 forwards). Sampling sees only the
-        code logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run in the
-        same batch and the logits are combined before temperature / top-k / top-p / min-p.
+        gvu.rollout.sample_images per chunk of rows: each prompt prefilled once for its samples, then one forward
+        per code, except that a row's last code and its forced <eor> go in together (36 forwards). Sampling sees
+        only the code logits (hidden @ code rows of lm_head); with cfg_scale > 1 unconditional rows [bos][boi] run
+        in the same batch and the logits are combined before temperature / top-k / top-p / min-p.
         """
         B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
         P = prompts.gen_ids.shape[1]
@@ -241,13 +241,14 @@ class ToyUMM:
         body, head = backbone_and_head(model)
         ids, mask = self._prefix(p)
         u_ids, u_mask = self._prefix(p, unconditional=True)
-        eor = torch.full((int(counts.sum()) * (2 if sampling.cfg_scale > 1 else 1), 1), self.eor, device=ids.device)
+        eor = torch.full((int(counts.sum()), 1), self.eor, device=ids.device)  # feed sees the conditional rows
+
+        def width(t: int) -> int:  # a row's last code goes in with its forced <eor>
+            return 2 if (t + 1) % self.row == 0 else 1
 
         def feed(tok: torch.Tensor, t: int) -> dict:
             codes = (tok + self.code_offset).unsqueeze(1)
-            if (t + 1) % self.row == 0:  # end of a row: the forced <eor> goes in with the code
-                codes = torch.cat([codes, eor[: codes.shape[0]]], 1)
-            return {"input_ids": codes}
+            return {"input_ids": torch.cat([codes, eor], 1) if width(t) == 2 else codes}
 
         with gathered(head.weight):
             wc = self._code_rows(head)
@@ -260,7 +261,7 @@ class ToyUMM:
                 steps=self.image_len,
                 fed_len=self.layout_len,
                 feed=feed,
-                width=lambda t: 2 if (t + 1) % self.row == 0 else 1,
+                width=width,
                 logits=lambda h: torch.nn.functional.linear(h, wc, bc),
                 sampling=sampling,
                 generator=generator,

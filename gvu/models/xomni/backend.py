@@ -248,8 +248,8 @@ class XOmniUMM:
     def generate(self, model, prompts: PromptBatch, num_samples: int, sampling: SamplingConfig, generator=None):
         """Sample `num_samples` images per prompt -> codes int64 (B*G, H*W); row b*G+g is sample g of prompt b.
 
-        KV-cache loop per chunk of max_rows rows: prefill the left-padded prefixes (conditional rows, then with
-        cfg_scale > 1 the unconditional ones), then one forward per code. Each step forms only the K code logits;
+        gvu.rollout.sample_images per chunk of max_rows rows: each prompt prefilled once (with its unconditional row
+        at cfg_scale > 1) for its samples, then one forward per code. Each step forms only the K code logits;
         greedy equals XOmniForCausalLM.generate in image mode (with negative_prompt_ids = the image prefix).
         """
         B, G, cfg = len(prompts), num_samples, sampling.cfg_scale > 1
