@@ -297,10 +297,14 @@ class UMMBackend(Protocol):
         """The rows `prompt_logprobs` scores, for a plain forward (baselines and tests); with `question`, the rows
         answer_logprobs builds for that question, the prompts holding the answers."""
 
+    def save_pretrained(self, path: str, model) -> None:
+        """`model`'s weights and everything `load` reads (tokenizer, layout / processor files) into folder `path`: a
+        checkpoint `model.path` can name (gvu.merge writes a run's merged model with it)."""
+
 
 REQUIRED = (
     "tokenize_prompts", "generate", "decode", "image_logprobs", "prompt_logprobs", "answer_logprobs",
-    "understanding_inputs",
+    "understanding_inputs", "save_pretrained",
 )  # fmt: skip
 REQUIRED_CLASSMETHODS = ("check_config", "check_prompts", "memory_shape", "load")
 
