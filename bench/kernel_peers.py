@@ -55,6 +55,8 @@ def unavailable(impl: str, device: str) -> str | None:
     need = {"trl": "trl", "cce": "cut_cross_entropy", "liger_flce": "liger_kernel", "liger_grpo": "liger_kernel"}
     if impl in need and importlib.util.find_spec(need[impl]) is None:
         return f"{need[impl]} not installed (pip install -e .[bench])"
+    if impl == "ours_recompute" and kernels.choose(torch.device(device)) != "cpp":
+        return "the saved-logits budget is the C++ backend's; this backend has one backward"
     if impl == "liger_flce" and device != "cuda":
         return "Liger's fused linear cross-entropy is a Triton kernel: CUDA only"
     return None
