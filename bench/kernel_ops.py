@@ -20,13 +20,14 @@ Time: median of repeats after a warmup (CUDA: synchronised). By default each (ca
 repeats back to back in its own process, so load that comes and goes between them skews the ratios; with
 --interleave one process per case holds every implementation and each repeat runs every (implementation, mode)
 once, the order rotated by one per repeat, so all see the same load (peak memory is then measured in that shared
-process, on each one's first timed call: less clean than a fresh process per implementation). Throughput: token op in GB/s of bytes that must move
-(fwd reads N*V logits; fwd+bwd reads them twice and writes the gradient) and, on CPU, its share of the machine's
-bandwidth measured here (fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd;
-fwd+bwd 6NDV trainable, 4NDV frozen, the same count for every implementation). Peak memory: on CPU every (case,
-implementation) runs in a fresh subprocess and the resident-set high-water mark over one call is recorded (reset
-through /proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated over one call. "extra" subtracts the
-gradients. "x ours" = time of the implementation / time of ours (for liger_grpo: / ours_grpo).
+process, on each one's first timed call: less clean than a fresh process per implementation).
+Throughput: token op in GB/s of bytes that must move (fwd reads N*V logits; fwd+bwd reads them twice and writes the
+gradient) and, on CPU, its share of the machine's bandwidth measured here (fwd vs a read-only sum, fwd+bwd vs a
+copy); linear op in GFLOP/s of useful work (2NDV fwd; fwd+bwd 6NDV trainable, 4NDV frozen, the same count for every
+implementation). Peak memory: on CPU every (case, implementation) runs in a fresh subprocess and the resident-set
+high-water mark over one call is recorded (reset through /proc/self/clear_refs); on CUDA
+torch.cuda.max_memory_allocated over one call. "extra" subtracts the gradients. "x ours" = time of the
+implementation / time of ours (for liger_grpo: / ours_grpo).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _header(args) -> tuple[dict, dict]:
     """(machine info for every row, measured bandwidth or {}) and the printed header lines."""
     info = machine_info()
     info.update(device=args.device, backend=kernels.choose(torch.device(args.device)), peers=_peer_versions(),
-                timing="interleaved" if args.interleave else "per-implementation")
+                timing="interleaved" if args.interleave else "per-implementation")  # fmt: skip
     bw = {}
     if args.device == "cpu":
         from kernels import cpp_ops
@@ -302,7 +303,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (case, implementation) subprocess")
     ap.add_argument("--interleave", action="store_true",
-                    help="one process per case, repeats rotating over the implementations (load-robust ratios)")
+                    help="a process per case, repeats rotating over implementations (load-robust ratios)")  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-interleaved", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -50,7 +50,8 @@ def register() -> None:
         n = hidden.shape[0]
         out = hidden.new_empty((n,), dtype=torch.float32)
         ent = hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
-        return out, torch.empty_like(out), ent, weight.new_empty((n, weight.shape[0]), dtype=_logits_dtype(weight, tiles))
+        logits = weight.new_empty((n, weight.shape[0]), dtype=_logits_dtype(weight, tiles))
+        return out, torch.empty_like(out), ent, logits
 
     def grads_fake(hidden, weight, bias, output_mask):
         gh = hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty((0,))
@@ -201,7 +202,7 @@ def logits_budget_bytes() -> int:
 
 
 def forward_kind(hidden, weight, bias) -> str:
-    """"sums", "saved" or "plain": the forward this call takes (module docstring), by requires_grad and the budget."""
+    """The forward this call takes, "sums", "saved" or "plain" (module docstring): by requires_grad and the budget."""
     if not torch.is_grad_enabled():
         return "plain"
     if not (weight.requires_grad or (bias is not None and bias.requires_grad)):

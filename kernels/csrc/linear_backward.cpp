@@ -166,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   //   dH32 += G Wb           fp32 accumulation across V-blocks (N x D, small);
   //   dW[block] = G^T H      one GEMM with K = all rows: fp32 accumulation inside BLAS, rounded once to the
   //                          weight's dtype like eager's; no V x D fp32 buffer (a full fp32 dW is 2x the weight,
-  //                          1.2 GB at 151936 x 2048). Its transposed G^T operand runs slower in oneDNN than
-  //                          the row-major ones of weight_grads_t (~0.5-0.8x in bf16), which is why the dW-only
-  //                          recompute (a frozen hidden) takes that loop instead.
+  //                          1.2 GB at 151936 x 2048). bf16 / fp16 in one chunk form it as (H^T G)^T (dw_t
+  //                          below); the dW-only recompute (a frozen hidden) takes weight_grads_t instead, whose
+  //                          transposed tiles need neither a G^T operand nor a transpose.
   // G is in weight's dtype (as eager autograd's grad-logits are), fp32 in fp32 tiles or when the saved logits are.
   // The forward's lse and entropy make every tile's grad-logits computable on its own.
   const at::ScalarType gdt = saved.defined() ? saved.scalar_type()

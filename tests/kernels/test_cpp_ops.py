@@ -322,10 +322,8 @@ def test_fp32_tiles_path_matches_the_reference(budget_mb):
     here = os.path.dirname(os.path.abspath(__file__))
     check = "import torch, kernels.cpp_ops as c; assert c.available() and torch.ops.gvu_kernels.fp32_tiles()"
     root = os.path.dirname(os.path.dirname(here))  # this checkout's kernels, not an installed one
-    env = dict(
-        os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-        GVU_KERNELS_SAVE_LOGITS_MB=budget_mb,
-    )
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=path, GVU_KERNELS_SAVE_LOGITS_MB=budget_mb)
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=root)
     sel = "cpp and (low_precision or bf16 or frozen_head_matches or chunk_borders or block_borders)"
     files = [os.path.join(here, "test_linear_token_logprobs.py")]
