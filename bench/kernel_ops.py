@@ -5,6 +5,7 @@
     python bench/kernel_ops.py --only linear  # only the linear_token_logprobs cases
     python bench/kernel_ops.py --device cuda  # GPU shapes (V = 151936, N = 8192), Triton kernels and GPU peers
     python bench/kernel_ops.py --dry-run      # tiny shapes on CPU, every implementation, 1 repeat (gpu_check.sh)
+    python bench/kernel_ops.py --interleave --repeats 5   # ratios robust to a loaded machine (see below)
 
 (Not bench/kernels.py: run as a script, bench/ comes first on sys.path and that name shadowed the `kernels` package.)
 The implementations and the check that each peer computes the same quantity are in bench/kernel_peers.py; a peer
@@ -15,13 +16,18 @@ with a trainable head (hidden and weight need gradients) and with a frozen head 
 RL/LoRA case; the C++ op then saves E = sum_j p_j W_j so its backward is O(N x D)). Every implementation gets the
 same requires_grad pattern. liger_grpo / ours_grpo time the same GRPO loss (kernel_peers.GRPO), fwd+bwd only.
 
-Time: median of repeats after a warmup (CUDA: synchronised). Throughput: token op in GB/s of bytes that must move
-(fwd reads N*V logits; fwd+bwd reads them twice and writes the gradient) and, on CPU, its share of the machine's
-bandwidth measured here (fwd vs a read-only sum, fwd+bwd vs a copy); linear op in GFLOP/s of useful work (2NDV fwd;
-fwd+bwd 6NDV trainable, 4NDV frozen, the same count for every implementation). Peak memory: on CPU every (case,
-implementation) runs in a fresh subprocess and the resident-set high-water mark over one call is recorded (reset
-through /proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated over one call. "extra" subtracts the
-gradients. "x ours" = time of the implementation / time of ours (for liger_grpo: / ours_grpo).
+Time: median of repeats after a warmup (CUDA: synchronised). By default each (case, implementation) runs its
+repeats back to back in its own process, so load that comes and goes between them skews the ratios; with
+--interleave one process per case holds every implementation and each repeat runs every (implementation, mode)
+once, the order rotated by one per repeat, so all see the same load (peak memory is then measured in that shared
+process, on each one's first timed call: less clean than a fresh process per implementation).
+Throughput: token op in GB/s of bytes that must move (fwd reads N*V logits; fwd+bwd reads them twice and writes the
+gradient) and, on CPU, its share of the machine's bandwidth measured here (fwd vs a read-only sum, fwd+bwd vs a
+copy); linear op in GFLOP/s of useful work (2NDV fwd; fwd+bwd 6NDV trainable, 4NDV frozen, the same count for every
+implementation). Peak memory: on CPU every (case, implementation) runs in a fresh subprocess and the resident-set
+high-water mark over one call is recorded (reset through /proc/self/clear_refs); on CUDA
+torch.cuda.max_memory_allocated over one call. "extra" subtracts the gradients. "x ours" = time of the
+implementation / time of ours (for liger_grpo: / ours_grpo).
 """
 
 from __future__ import annotations
@@ -104,11 +110,13 @@ def _peak_and_time(run, device: str) -> tuple[int, float]:
     return peak, time.perf_counter() - t0
 
 
-def worker(spec: dict) -> dict:
+def _prepare(spec: dict) -> tuple[dict, dict]:
+    """({"verify": errors} or {"error": why}, {mode: run()}) for one (case, implementation)."""
     torch.manual_seed(0)
     op, impl, dtype, device = spec["op"], spec["impl"], DT[spec["dtype"]], spec["device"]
     n, v, d = spec["n"], spec["v"], spec.get("d", 0)
-    # In-process runs (quick, dry, CUDA) compile the peers' torch.compile functions for many shapes and grad modes.
+    # In-process runs (quick, dry, CUDA, interleaved) compile the peers' torch.compile functions for many shapes
+    # and grad modes.
     torch._dynamo.config.recompile_limit = 64
     fn = kernel_peers.make(op, impl, device)
     t = torch.randint(0, v, (n,), device=device)
@@ -122,9 +130,10 @@ def worker(spec: dict) -> dict:
     try:  # the same quantity as ours, or no timing at all
         out: dict = {"verify": kernel_peers.verify(op, impl, fn, inputs, t, trainable)}
     except AssertionError as e:
-        return {"error": f"verification failed: {e}"[:300]}
-    grad_bytes = sum(x.numel() * x.element_size() for x, tr in zip(inputs, trainable, strict=False) if tr)
+        return {"error": f"verification failed: {e}"[:300]}, {}
+    out["grad_bytes"] = sum(x.numel() * x.element_size() for x, tr in zip(inputs, trainable, strict=False) if tr)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {}
     for mode in _modes(spec.get("frozen", False), impl):
         if mode == "fwd":
             args = inputs
@@ -143,19 +152,62 @@ def worker(spec: dict) -> dict:
                 (res if impl in kernel_peers.LOSS_IMPLS else res @ g).backward()
                 sync()
 
-        t0 = time.perf_counter()
-        run()  # warmup (and compilation for torch.compile / Liger / CCE)
-        first = time.perf_counter() - t0
-        for x in args:
-            x.grad = None
-        peak, t_peak = _peak_and_time(run, device)
+        runs[mode] = run
+    return out, runs
+
+
+def _first_calls(run, device: str) -> dict:
+    """Warmup (and compilation for torch.compile / Liger / CCE), then one timed call with its peak memory."""
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    peak, t_peak = _peak_and_time(run, device)
+    return {"first_s": first, "peak": peak, "times": [t_peak]}
+
+
+def _finish(out: dict, mode: str, r: dict) -> None:
+    out[mode] = {"ms": 1e3 * statistics.median(r["times"]), "peak": r["peak"], "first_s": r["first_s"],
+                 "grad_bytes": out["grad_bytes"] if mode == "fwdbwd" else 0}  # fmt: skip
+
+
+def worker(spec: dict) -> dict:
+    out, runs = _prepare(spec)
+    for mode, run in runs.items():
+        r = _first_calls(run, spec["device"])
         # The peak-memory call counts as the first repeat. Short cases get more repeats (~1 s in all): a median
         # of 2-3 sub-ms runs is noise on shared cores.
-        reps = max(spec["repeats"], min(50, int(1.0 / max(t_peak, 1e-4))))
-        times = [t_peak] + [time_fn(run, warmup=0, repeats=1) for _ in range(reps - 1)]
-        ms = 1e3 * statistics.median(times)
-        out[mode] = {"ms": ms, "peak": peak, "first_s": first, "grad_bytes": grad_bytes if mode == "fwdbwd" else 0}
+        reps = max(spec["repeats"], min(50, int(1.0 / max(r["times"][0], 1e-4))))
+        r["times"] += [time_fn(run, warmup=0, repeats=1) for _ in range(reps - 1)]
+        _finish(out, mode, r)
     return out
+
+
+def worker_interleaved(spec: dict) -> dict:
+    """Every implementation of spec["impls"] for one case, in this process: {impl: worker()'s result}.
+
+    After each (implementation, mode)'s warmup and peak-memory call (not timed: the memory sampler slows it),
+    repeat r runs all of them once, starting at the (r mod count)-th, so each sees the same mix of load."""
+    res, timed = {}, []
+    for impl in spec["impls"]:
+        why = spec["skip"].get(impl)
+        if why:
+            res[impl] = {"error": why}
+            continue
+        try:
+            out, runs = _prepare(dict(spec, impl=impl))
+            for mode, run in runs.items():
+                timed.append((impl, mode, run, dict(_first_calls(run, spec["device"]), times=[])))
+        except Exception as e:  # noqa: BLE001 - reported in the table like a failed subprocess
+            out = {"error": f"{type(e).__name__}: {e}"[:200]}
+            timed = [x for x in timed if x[0] != impl]
+        res[impl] = out
+    for r in range(spec["repeats"]):
+        k = r % max(len(timed), 1)
+        for _, _, run, rec in timed[k:] + timed[:k]:
+            rec["times"].append(time_fn(run, warmup=0, repeats=1))
+    for impl, mode, _, rec in timed:
+        _finish(res[impl], mode, rec)
+    return res
 
 
 def run_worker(spec: dict, timeout: int, in_process: bool = False) -> dict:
@@ -164,7 +216,8 @@ def run_worker(spec: dict, timeout: int, in_process: bool = False) -> dict:
             return worker(spec)
         except Exception as e:  # noqa: BLE001 - reported in the table like a failed subprocess
             return {"error": f"{type(e).__name__}: {e}"[:200]}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    flag = "--worker-interleaved" if "impls" in spec else "--worker"
+    cmd = [sys.executable, os.path.abspath(__file__), flag, json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -203,7 +256,8 @@ def _cases(args) -> tuple[list, list]:
 def _header(args) -> tuple[dict, dict]:
     """(machine info for every row, measured bandwidth or {}) and the printed header lines."""
     info = machine_info()
-    info.update(device=args.device, backend=kernels.choose(torch.device(args.device)), peers=_peer_versions())
+    info.update(device=args.device, backend=kernels.choose(torch.device(args.device)), peers=_peer_versions(),
+                timing="interleaved" if args.interleave else "per-implementation")  # fmt: skip
     bw = {}
     if args.device == "cpu":
         from kernels import cpp_ops
@@ -248,10 +302,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3, quick 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (case, implementation) subprocess")
+    ap.add_argument("--interleave", action="store_true",
+                    help="a process per case, repeats rotating over implementations (load-robust ratios)")  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-interleaved", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.worker_interleaved:
+        print(json.dumps(worker_interleaved(json.loads(args.worker_interleaved))))
         return
     if args.dry_run:
         args.device = "cpu"
@@ -259,7 +319,7 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here (use --dry-run for the CPU smoke run)")
     t_start = time.time()
     info, bw = _header(args)
-    repeats = args.repeats or (1 if args.dry_run else 2 if args.quick else 3)
+    repeats = args.repeats or (1 if args.dry_run else 2 if args.quick else 5 if args.interleave else 3)
     token_cases, linear_cases = _cases(args)
     pick = set(args.impls.split(",")) if args.impls else None
     # (op, dtype, N, D, V, implementations, frozen head)
@@ -274,7 +334,11 @@ def main() -> None:
           f"{'%bw':>6}{'peak MB':>10}{'x ours':>8}{'err':>9}")  # fmt: skip
     for op, dt, n, d, v, impls, frozen in jobs:
         impls = [i for i in impls if pick is None or i in pick or i.startswith("ours")]
-        res = {impl: _run(args, op, impl, dt, n, d, v, frozen, repeats) for impl in impls}
+        impls = [i for i in impls if not (frozen and i in kernel_peers.TRAINABLE_ONLY)]
+        if args.interleave:
+            res = _run_interleaved(args, op, impls, dt, n, d, v, frozen, repeats)
+        else:
+            res = {impl: _run(args, op, impl, dt, n, d, v, frozen, repeats) for impl in impls}
         label = op + ("-frozen" if frozen else "")
         for mode in ("fwd", "fwdbwd"):
             for impl in impls:
@@ -309,6 +373,27 @@ def _run(args, op, impl, dt, n, d, v, frozen, repeats) -> dict:
     spec = dict(op=op, impl=impl, dtype=dt, n=n, v=v, d=d, repeats=repeats, frozen=frozen, device=args.device)
     # CPU: a fresh process per case for clean peak-RSS numbers; quick / dry runs and CUDA stay in process.
     return run_worker(spec, args.timeout, in_process=args.quick or args.dry_run or args.device == "cuda")
+
+
+def _run_interleaved(args, op, impls, dt, n, d, v, frozen, repeats) -> dict:
+    skip = {}
+    for impl in impls:
+        why = kernel_peers.unavailable(impl, args.device)
+        if why or (impl == "compile" and args.no_compile):
+            skip[impl] = f"skipped: {why or '--no-compile'}"
+    # Every implementation's inputs and gradients live in the one process: budget the sum.
+    kinds = [impl if op == "token" else ("eager" if impl == "eager" else "ours") for impl in impls if impl not in skip]
+    need = sum(_est_peak_bytes(op, k, dt, n, v, d, frozen) for k in kinds)
+    free = torch.cuda.mem_get_info()[0] if args.device == "cuda" else mem_available_bytes()
+    if need > 0.6 * free:
+        return {impl: {"error": f"skipped: all implementations need ~{need / 2**30:.1f} GiB in one process"}
+                for impl in impls}  # fmt: skip
+    spec = dict(op=op, impls=impls, skip=skip, dtype=dt, n=n, v=v, d=d, repeats=repeats, frozen=frozen,
+                device=args.device)  # fmt: skip
+    if args.quick or args.dry_run or args.device == "cuda":
+        return worker_interleaved(spec)
+    res = run_worker(spec, args.timeout * len(impls))
+    return res if "error" not in res else {impl: res for impl in impls}
 
 
 def _row(info, bw, args, op, dt, n, d, v, mode, impl, frozen, res) -> dict:

@@ -6,7 +6,8 @@ token_logprobs (logits (N, V) -> logp (N,)):
   compile  torch.compile of eager
   trl      trl.trainer.utils.selective_log_softmax on (N / 512, 512, V) (TRL's Triton kernel on CUDA, its loop on CPU)
 linear_token_logprobs (hidden (N, D), head (V, D) -> logp (N,)):
-  ours, eager (h @ W.T then eager), cce (cut_cross_entropy.linear_cross_entropy: torch_compile on CPU, cce on
+  ours, ours_recompute (ours with GVU_KERNELS_SAVE_LOGITS_MB=0: a trainable head's recompute backward instead of
+  saved logits), eager (h @ W.T then eager), cce (cut_cross_entropy.linear_cross_entropy: torch_compile on CPU, cce on
   CUDA, with h / T for the temperature), liger_flce (LigerFusedLinearCrossEntropyLoss, Triton: CUDA only),
   liger_grpo (LigerFusedLinearGRPOLoss, chunked + torch.compile) against ours_grpo (the same loss on our logp).
 Every peer is checked against the fp32 reference on the same inputs before it is timed (`verify`).
@@ -14,7 +15,9 @@ Every peer is checked against the fp32 reference on the same inputs before it is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -27,7 +30,8 @@ SEQ = 512  # tokens per sequence for the peers that take (B, L, ...) inputs
 GRPO = dict(beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=1.0, epsilon_high=1e6)
 
 TOKEN_IMPLS = ("ours", "eager", "compile", "trl")
-LINEAR_IMPLS = ("ours", "eager", "cce", "liger_flce", "ours_grpo", "liger_grpo")
+LINEAR_IMPLS = ("ours", "ours_recompute", "eager", "cce", "liger_flce", "ours_grpo", "liger_grpo")
+TRAINABLE_ONLY = ("ours_recompute",)  # a frozen head takes the same forward either way
 LOSS_IMPLS = ("ours_grpo", "liger_grpo")  # return a scalar loss, not logp; only fwd+bwd is timed
 BASELINE = {"liger_grpo": "ours_grpo"}  # the row each impl's ratio is taken against (default: ours)
 
@@ -51,6 +55,8 @@ def unavailable(impl: str, device: str) -> str | None:
     need = {"trl": "trl", "cce": "cut_cross_entropy", "liger_flce": "liger_kernel", "liger_grpo": "liger_kernel"}
     if impl in need and importlib.util.find_spec(need[impl]) is None:
         return f"{need[impl]} not installed (pip install -e .[bench])"
+    if impl == "ours_recompute" and kernels.choose(torch.device(device)) != "cpp":
+        return "the saved-logits budget is the C++ backend's; this backend has one backward"
     if impl == "liger_flce" and device != "cuda":
         return "Liger's fused linear cross-entropy is a Triton kernel: CUDA only"
     return None
@@ -77,6 +83,13 @@ def make(op: str, impl: str, device: str):
             return trl
     if impl == "ours":
         return lambda h, w, t: kernels.linear_token_logprobs(h, w, t, temperature=T)
+    if impl == "ours_recompute":
+
+        def ours_recompute(h, w, t):
+            with _env("GVU_KERNELS_SAVE_LOGITS_MB", "0"):  # read by the forward, which picks the backward
+                return kernels.linear_token_logprobs(h, w, t, temperature=T)
+
+        return ours_recompute
     if impl == "eager":
         return lambda h, w, t: eager_logprobs(h @ w.T, t)
     if impl == "cce":
@@ -111,6 +124,19 @@ def make(op: str, impl: str, device: str):
 
         return liger_grpo
     raise ValueError(f"unknown {op} implementation {impl!r}")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 # ------------------------------------------------------------------------------------------- verification

@@ -5,6 +5,7 @@ Ops (namespace `gvu_kernels`), all on 2-D rows with fp32 outputs; the schemas ar
     linear_token_logprobs(hidden (N, D), weight (V, D), targets, bias?, T, ignore_index, return_entropy,
                           chunk_size) -> logp, lse, entropy
     linear_token_logprobs_frozen(same arguments) -> logp, lse, entropy, cen (N, D), ent_dir (N, D)|(0, 0)
+    linear_token_logprobs_saved(same arguments) -> logp, lse, entropy, logits (N, V) (kept rows first)
     group_advantages(rewards (M,), group_size, eps, scale, unbiased) -> (M,)
 """
 

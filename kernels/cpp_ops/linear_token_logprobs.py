@@ -1,14 +1,22 @@
 """C++ linear_token_logprobs (kernels/csrc/linear_token_logprobs.cpp): fake kernels, autograd, backend function.
 
-Two forwards: `linear_token_logprobs` (saves hidden and weight; the backward recomputes logits a V-block at a
-time) and `linear_token_logprobs_frozen`, which also returns cen = E - W[t] and ent_dir = F + H E (N, D),
-E = sum_j p_j W_j, F = sum_j p_j log p_j W_j, so hidden's gradient is O(N x D) with no recompute. The second runs
-whenever hidden needs a gradient (`sums_forward`): for a frozen head (LoRA / GvU) that is the whole backward; for
-a trainable head the backward recomputes transposed logit tiles for dW (and db) only. The first serves a head
-whose weight alone needs a gradient.
+Three forwards, chosen per call by `forward_kind` (what needs a gradient, and memory) to do the fewest GEMM FLOPs
+(2NDV each: the forward's logits, every recompute, dH = G W, dW = G^T H, each (N, D) sum):
+- "sums", `linear_token_logprobs_frozen`: a frozen head (LoRA / GvU) with hidden needing a gradient. It also
+  returns cen = E - W[t] and ent_dir = F + H E (N, D), E = sum_j p_j W_j, F = sum_j p_j log p_j W_j, so hidden's
+  gradient is O(N x D) with no recompute and never reads the weight (ZeRO-3 may release it): 4NDV, 6NDV with
+  entropy (the recompute backward would also be 6NDV).
+- "saved", `linear_token_logprobs_saved`: a trainable head (weight or bias needs a gradient) whose N x V logits fit
+  `logits_budget_bytes()`. The forward keeps them; the backward forms G from them and does only dH = G W and
+  dW = G^T H: 6NDV (4NDV for the weight alone), what Cut Cross-Entropy's CPU path does.
+- "plain", `linear_token_logprobs`: a trainable head past the budget (the backward recomputes logit tiles and
+  forms dH and dW from each: 8NDV, against 10NDV with entropy for the sums forward plus a dW recompute, the former
+  trainable-head path), a weight alone (6NDV), or no gradient at all.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -35,16 +43,40 @@ def register() -> None:
         ent_dir = weight.new_empty((n, d) if return_entropy else (0, 0))
         return out, torch.empty_like(out), ent, cen, ent_dir
 
-    @torch.library.register_fake(_OP + "_backward")
-    def _(grad_logp, grad_lse, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature,
-          ignore_index, chunk_size, output_mask):  # fmt: skip
+    tiles = torch.ops.gvu_kernels.fp32_tiles()  # fixed per process
+
+    @torch.library.register_fake(_OP + "_saved")
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
+        n = hidden.shape[0]
+        out = hidden.new_empty((n,), dtype=torch.float32)
+        ent = hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
+        logits = weight.new_empty((n, weight.shape[0]), dtype=_logits_dtype(weight, tiles))
+        return out, torch.empty_like(out), ent, logits
+
+    def grads_fake(hidden, weight, bias, output_mask):
         gh = hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty((0,))
         gw = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,))
         gb = bias.new_empty(bias.shape) if (output_mask[2] and bias is not None) else weight.new_empty((0,))
         return gh, gw, gb
 
+    @torch.library.register_fake(_OP + "_backward")
+    def _(grad_logp, grad_lse, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature,
+          ignore_index, chunk_size, output_mask):  # fmt: skip
+        return grads_fake(hidden, weight, bias, output_mask)
+
+    @torch.library.register_fake(_OP + "_saved_backward")
+    def _(grad_logp, grad_lse, grad_entropy, logits, hidden, weight, targets, bias, lse, entropy, temperature,
+          ignore_index, chunk_size, output_mask):  # fmt: skip
+        return grads_fake(hidden, weight, bias, output_mask)
+
     torch.library.register_autograd(_OP, _backward, setup_context=_setup)
     torch.library.register_autograd(_OP + "_frozen", _frozen_backward, setup_context=_frozen_setup)
+    torch.library.register_autograd(_OP + "_saved", _saved_backward, setup_context=_saved_setup)
+
+
+def _logits_dtype(weight, tiles: bool) -> torch.dtype:
+    """The dtype of the forward's logits tiles: weight's, or fp32 when bf16 / fp16 products run in fp32 tiles."""
+    return torch.float32 if tiles and weight.dtype != torch.float32 else weight.dtype
 
 
 def _setup(ctx, inputs, output):
@@ -57,16 +89,37 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_logp, g_lse, g_ent):
     hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+    return _tile_backward(ctx, None, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent)
+
+
+def _saved_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, ignore_index, _, chunk_size = inputs
+    _, lse, ent, logits = output
+    ctx.save_for_backward(logits, hidden, weight, targets, bias, lse, ent)
+    ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+    ctx.mark_non_differentiable(logits)  # backward state, not a result
+    ctx.set_materialize_grads(False)
+
+
+def _saved_backward(ctx, g_logp, g_lse, g_ent, _g_logits):
+    logits, hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+    return _tile_backward(ctx, logits, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent)
+
+
+def _tile_backward(ctx, logits, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent):
+    """The plain and saved forwards' backward: grad-logit tiles from the saved logits, else recomputed."""
     g_ent = g_ent if ent.numel() else None
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1]), bool(need[3]) and bias is not None]
     if not any(mask):
         return (None,) * 8
     _check_saved_weight(weight, hidden.shape[1])
-    gh, gw, gb = torch.ops.gvu_kernels.linear_token_logprobs_backward(
-        g_logp, g_lse, g_ent, hidden, weight, targets, bias, lse, ent,
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
-    )  # fmt: skip
+    common = (hidden, weight, targets, bias, lse, ent, ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask)
+    ops = torch.ops.gvu_kernels
+    if logits is None:
+        gh, gw, gb = ops.linear_token_logprobs_backward(g_logp, g_lse, g_ent, *common)
+    else:
+        gh, gw, gb = ops.linear_token_logprobs_saved_backward(g_logp, g_lse, g_ent, logits, *common)
     return (gh if mask[0] else None, gw if mask[1] else None, None, gb if mask[2] else None) + (None,) * 4
 
 
@@ -128,9 +181,35 @@ def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
         )
 
 
-def sums_forward(hidden) -> bool:
-    """The forward with the (N, D) sums (linear_token_logprobs_frozen) applies: grad mode on, hidden requires grad."""
-    return torch.is_grad_enabled() and hidden.requires_grad
+# GVU_KERNELS_SAVE_LOGITS_MB: the most MiB of N x V logits a trainable head's forward may keep for its backward
+# (0: always recompute). Default: min(2 GiB, MemAvailable / 4), read per call; the logits live from the forward to
+# the end of the backward, next to everything else the step holds.
+_BUDGET_ENV = "GVU_KERNELS_SAVE_LOGITS_MB"
+_BUDGET_CAP = 2 << 30
+
+
+def logits_budget_bytes() -> int:
+    """Bytes of N x V logits the saved forward may keep (GVU_KERNELS_SAVE_LOGITS_MB, else the default above)."""
+    env = os.environ.get(_BUDGET_ENV)
+    if env:
+        return int(float(env) * 2**20)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return _BUDGET_CAP
+    return min(_BUDGET_CAP, avail // 4)
+
+
+def forward_kind(hidden, weight, bias) -> str:
+    """The forward this call takes, "sums", "saved" or "plain" (module docstring): by requires_grad and the budget."""
+    if not torch.is_grad_enabled():
+        return "plain"
+    if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return "sums" if hidden.requires_grad else "plain"
+    tiles = torch.ops.gvu_kernels.fp32_tiles()
+    nbytes = hidden.shape[0] * weight.shape[0] * _logits_dtype(weight, tiles).itemsize
+    return "saved" if nbytes <= logits_budget_bytes() else "plain"
 
 
 def linear_token_logprobs_cpp(
@@ -139,13 +218,16 @@ def linear_token_logprobs_cpp(
     """hidden (N, D), weight (V, D), targets (N,) int64, bias (V,)|None -> (logp (N,) fp32, entropy|None).
 
     chunk_size None picks ~64 MiB of logits per chunk (16..1024 rows); see linear_token_logprobs.cpp.
-    Whenever hidden needs a gradient (`sums_forward`) the forward also forms cen / ent_dir, so hidden's gradient
-    needs no recompute (a frozen head's whole backward); a trainable head's dW / db recompute transposed tiles.
+    The forward is the one of `forward_kind` (module docstring): sums for a frozen head, saved logits or a
+    recompute backward for a trainable one.
     Preconditions (checked by kernels.ops): CPU tensors, targets in [0, V) or ignore_index, bias (V,), temperature > 0.
     """
     require()
     ops = torch.ops.gvu_kernels
-    op = ops.linear_token_logprobs_frozen if sums_forward(hidden) else ops.linear_token_logprobs
+    kind = forward_kind(hidden, weight, bias)
+    op = {"sums": ops.linear_token_logprobs_frozen, "saved": ops.linear_token_logprobs_saved}.get(
+        kind, ops.linear_token_logprobs
+    )
     out = op(hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
              int(chunk_size or 0))  # fmt: skip
     return out[0], (out[2] if return_entropy else None)

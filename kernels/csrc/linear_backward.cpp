@@ -1,5 +1,7 @@
-// linear_token_logprobs backward: the recompute backward over V-blocks of logits (see linear_token_logprobs.cpp).
+// linear_token_logprobs backward over V-blocks of logits, recomputed or saved by the forward (see
+// linear_token_logprobs.cpp).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -66,14 +68,48 @@ void weight_grads_t(const at::Tensor& weight, const at::Tensor& hw, const at::Te
   }
 }
 
-}  // namespace
+// dst (C, R) = src (R, C)^T for 2-byte elements (bf16 / fp16), rows of both contiguous, in 64 x 64 blocks so the
+// strided side stays in cache: torch's transposing copy_ ran at ~1 GB/s on bf16 here.
+void transpose16(const at::Tensor& src, at::Tensor& dst) {
+  const int64_t R = src.size(0), C = src.size(1), ss = src.stride(0), ds = dst.stride(0);
+  TORCH_CHECK(src.element_size() == 2 && dst.element_size() == 2 && src.stride(1) == 1 && dst.stride(1) == 1 &&
+              dst.size(0) == C && dst.size(1) == R);
+  const auto* s = static_cast<const uint16_t*>(src.data_ptr());
+  auto* d = static_cast<uint16_t*>(dst.data_ptr());
+  constexpr int64_t B = 64;
+  at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j0 = b0 * B; j0 < std::min(C, b1 * B); j0 += B)
+      for (int64_t i0 = 0; i0 < R; i0 += B)
+        for (int64_t j = j0; j < std::min(C, j0 + B); ++j)
+          for (int64_t i = i0; i < std::min(R, i0 + B); ++i) d[j * ds + i] = s[i * ss + j];
+  });
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
+// acc (fp32) += a @ b. fp32 operands accumulate in place; otherwise through `part` (a's dtype: bf16 from a bf16
+// GEMM, rounded per V-block as eager's dH is; fp32 from gemm_out's fp32 tiles), kDhRows rows at a time (a C x D
+// partial was 32 MB, a tenth of the whole backward's extra memory, at N=8192, D=2048).
+constexpr int64_t kDhRows = 1024;
+void add_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b, at::Tensor& part) {
+  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+    return;
+  }
+  for (int64_t i = 0; i < a.size(0); i += kDhRows) {
+    const int64_t k = std::min(kDhRows, a.size(0) - i);
+    at::Tensor p = part.narrow(0, 0, k);
+    gemm_out(p, a.narrow(0, i, k), b, at::Tensor());
+    acc.narrow(0, i, k).add_(p);
+  }
+}
+
+// The backward of both forwards. `saved` (n_kept, V)-or-more logits from linear_token_logprobs_saved, or
+// undefined: recompute them a tile at a time.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
-    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden, const at::Tensor& weight,
-    const at::Tensor& targets_in, const c10::optional<at::Tensor>& bias_opt, const at::Tensor& lse_in,
-    const at::Tensor& entropy_in, double temperature, int64_t ignore_index, int64_t chunk_size,
-    std::array<bool, 3> output_mask) {
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& saved, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& targets_in, const c10::optional<at::Tensor>& bias_opt,
+    const at::Tensor& lse_in, const at::Tensor& entropy_in, double temperature, int64_t ignore_index,
+    int64_t chunk_size, std::array<bool, 3> output_mask) {
   check_inputs(hidden, weight, targets_in, bias_opt);
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
@@ -96,6 +132,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const Rows rows = kept_rows(targets, ignore_index);
   if (rows.n == 0) return finish(no_dH, false);
+  if (saved.defined())
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) >= rows.n && saved.size(1) == V && saved.stride(1) == 1,
+                "gvu_kernels: saved logits must be (>= ", rows.n, ", ", V, ") with unit column stride, got ",
+                saved.sizes());
 
   auto kept_f32 = [&](const c10::optional<at::Tensor>& g) {
     if (!g.has_value() || !g->defined()) return at::Tensor();
@@ -112,9 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const at::Tensor hw = h.scalar_type() == weight.scalar_type() ? h : h.to(weight.scalar_type()).contiguous();
   const at::Tensor t = take(targets, rows).contiguous();
   const at::Tensor bias = bias_in(bias_opt, weight);
-  const DType dt = dtype_of(weight);
   const float inv_t = static_cast<float>(1.0 / temperature);
-  if (!need_h) {
+  if (!need_h && !saved.defined()) {
     weight_grads_t(weight, hw, t, bias, gl, gs, ge, stats, ent, inv_t, chunk_size, need_w ? &dW : nullptr,
                    need_b ? &db32 : nullptr);
     return finish(no_dH);
@@ -122,32 +161,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 
   // Tiles of (C rows) x (Vb vocab columns), V-blocks outermost, all kept rows in one chunk unless they exceed the
   // 64 MiB budget at Vb = 1024 (C < n only past ~32k bf16 rows, or when chunk_size asks). Per tile:
-  // L = H Wb^T (weight's dtype), G = grad-logits written over L in place (in weight's dtype, as eager autograd's
-  // grad-logits are), then
+  // L = H Wb^T recomputed (or the saved logits' tile), G = grad-logits (in place over L, or from the saved tile
+  // into the buffer, which leaves the saved logits intact for a second backward), then
+  //   dH32 += G Wb           fp32 accumulation across V-blocks (N x D, small);
   //   dW[block] = G^T H      one GEMM with K = all rows: fp32 accumulation inside BLAS, rounded once to the
   //                          weight's dtype like eager's; no V x D fp32 buffer (a full fp32 dW is 2x the weight,
-  //                          1.2 GB at 151936 x 2048), and bf16/fp16 GEMMs stay on the fast AMX/AVX512-BF16 path
-  //                          (an fp32 G^T H ran at ~1/4 the rate of the bf16 GEMMs around it on this CPU);
-  //   dH32 += G Wb           fp32 accumulation across V-blocks (N x D, small).
+  //                          1.2 GB at 151936 x 2048). bf16 / fp16 in one chunk form it as (H^T G)^T (dw_t
+  //                          below); the dW-only recompute (a frozen hidden) takes weight_grads_t instead, whose
+  //                          transposed tiles need neither a G^T operand nor a transpose.
+  // G is in weight's dtype (as eager autograd's grad-logits are), fp32 in fp32 tiles or when the saved logits are.
   // The forward's lse and entropy make every tile's grad-logits computable on its own.
-  const size_t es = weight.element_size();
+  const at::ScalarType gdt = saved.defined() ? saved.scalar_type()
+                             : (fp32_tiles() && !w32) ? at::kFloat
+                                                     : weight.scalar_type();
+  const int64_t es = static_cast<int64_t>(c10::elementSize(gdt));
   const int64_t n = rows.n;
-  const int64_t Vb = std::min<int64_t>(V, std::clamp<int64_t>(kChunkBytes / (n * static_cast<int64_t>(es)) / 256 * 256,
-                                                         1024, 8192));
+  const int64_t Vb = std::min<int64_t>(V, std::clamp<int64_t>(kChunkBytes / (n * es) / 256 * 256, 1024, 8192));
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, n)
                                    : std::min<int64_t>(n, std::max<int64_t>(16, kChunkBytes / (Vb * es)));
-  // bf16/fp16 weights with rows over several chunks: each chunk's grad-logits stay fp32 and dW sums the chunks
-  // in an fp32 (Vb, D) accumulator (fp32 GEMM, slower), so dW is still rounded once, not once per chunk.
+  // bf16/fp16 weights with rows over several chunks: each chunk's grad-logits are (or are copied to) fp32 and dW
+  // sums the chunks in an fp32 (Vb, D) accumulator (fp32 GEMM, slower), so dW is still rounded once, not per chunk.
   const bool split_w = need_w && !w32 && C < n;
+  const bool g_is_32 = gdt == at::kFloat;
   at::Tensor dH32 = need_h ? at::zeros({n, D}, f32) : at::Tensor();
-  at::Tensor buf = at::empty({C, Vb}, weight.options());
-  // bf16/fp16: dH's per-tile partial, before its fp32 add, in slices of kDhRows rows (a C x D buffer was 32 MB,
-  // a tenth of the whole backward's extra memory, at N=8192, D=2048).
-  constexpr int64_t kDhRows = 1024;
-  at::Tensor dHpart = (need_h && !w32) ? at::empty({std::min(C, kDhRows), D}, weight.options()) : at::Tensor();
-  at::Tensor g32 = split_w ? at::empty({C, Vb}, f32) : at::Tensor();
+  at::Tensor buf = at::empty({C, Vb}, weight.options().dtype(gdt));
+  at::Tensor dHpart = (need_h && !(w32 && g_is_32)) ? at::empty({std::min(C, kDhRows), D}, weight.options().dtype(gdt))
+                                                    : at::Tensor();
+  at::Tensor g32 = split_w && !g_is_32 ? at::empty({C, Vb}, f32) : at::Tensor();
   at::Tensor h32 = split_w ? hw.to(at::kFloat) : at::Tensor();
   at::Tensor dWb32 = split_w ? at::empty({Vb, D}, f32) : at::Tensor();
+  // bf16 / fp16 dW in one chunk: dW_b^T = H^T G (D x vb), two row-major operands (H^T transposed once), then
+  // transposed into dW's rows (transpose16), instead of G^T H with its transposed operand: on this Sapphire Rapids
+  // (1 thread, 2048 x 8192 x 1024 tiles) 60 ms + the transpose against 121 ms. fp32 GEMMs ran at the same rate
+  // either way, so fp32 keeps G^T H.
+  const bool dw_t = need_w && !split_w && gdt != at::kFloat;
+  const at::Tensor Ht = dw_t ? hw.t().contiguous() : at::Tensor();
+  at::Tensor dWt = dw_t ? at::empty({D, Vb}, weight.options()) : at::Tensor();
   at::Tensor tshift = at::empty_like(t);
   auto ptr = [](const at::Tensor& x, int64_t off) { return x.defined() ? x.data_ptr<float>() + off : nullptr; };
   // No kept row is ignored; a sentinel no target can equal, since shifted targets may be negative.
@@ -162,33 +211,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     at::sub_out(tshift, t, v0);  // targets relative to the block; outside [0, vb) means no one-hot here
     for (int64_t r0 = 0; r0 < n; r0 += C) {
       const int64_t m = std::min(C, n - r0);
-      at::Tensor G = buf.narrow(0, 0, m).narrow(1, 0, vb);  // logits, then grad-logits in place
+      at::Tensor G = buf.narrow(0, 0, m).narrow(1, 0, vb);
       const at::Tensor Hc = hw.narrow(0, r0, m);
-      chunk_logits(G, Hc, Wb, bb);
-      at::Tensor G32 = split_w ? g32.narrow(0, 0, m).narrow(1, 0, vb) : G;
-      rows_backward(G.data_ptr(), dt, G.stride(0), G32.data_ptr(), split_w ? DType::F32 : dt, G32.stride(0), m, vb,
+      at::Tensor L = saved.defined() ? saved.narrow(0, r0, m).narrow(1, v0, vb) : G;
+      if (!saved.defined()) chunk_logits(G, Hc, Wb, bb);
+      at::Tensor G32 = g32.defined() ? g32.narrow(0, 0, m).narrow(1, 0, vb) : G;
+      rows_backward(L.data_ptr(), dtype_of(L), L.stride(0), G32.data_ptr(), dtype_of(G32), G32.stride(0), m, vb,
                     tshift.data_ptr<int64_t>() + r0, kNoIgnore, inv_t, ptr(gl, r0), ptr(gs, r0), ptr(ge, r0),
                     stats.data_ptr<float>() + 2 * r0, ptr(ent, r0));
-      if (split_w && need_h) G.copy_(G32);
-      if (need_h) {
-        at::Tensor acc = dH32.narrow(0, r0, m);
-        if (w32) {
-          acc.addmm_(G, Wb);
-        } else {
-          for (int64_t i = 0; i < m; i += kDhRows) {
-            const int64_t k = std::min(kDhRows, m - i);
-            at::Tensor part = dHpart.narrow(0, 0, k);
-            at::mm_out(part, G.narrow(0, i, k), Wb);
-            acc.narrow(0, i, k).add_(part);
-          }
-        }
-      }
-      if (split_w)
+      if (g32.defined() && need_h) G.copy_(G32);
+      if (need_h) add_mm(dH32.narrow(0, r0, m), G, Wb, dHpart);
+      if (split_w) {
         dWb32.narrow(0, 0, vb).addmm_(G32.t(), h32.narrow(0, r0, m));
-      else if (need_w && r0 == 0)
-        at::mm_out(dWb, G.t(), Hc);
-      else if (need_w)
+      } else if (dw_t) {  // r0 == 0: one chunk
+        at::Tensor T = dWt.narrow(1, 0, vb);
+        at::mm_out(T, Ht, G);
+        transpose16(T, dWb);
+      } else if (need_w && r0 == 0) {
+        gemm_out(dWb, G.t(), Hc, at::Tensor());
+      } else if (need_w) {
         dWb.addmm_(G.t(), Hc);  // fp32 weights only: C < n accumulates straight into dW
+      }
       if (need_b) db32.narrow(0, v0, vb).add_(G32.sum(0, false, at::kFloat));
     }
     if (split_w) dWb.copy_(dWb32.narrow(0, 0, vb));
@@ -199,6 +242,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   at::Tensor dH = at::zeros({N, D}, hidden.options());
   dH.index_copy_(0, rows.idx, dHk);
   return finish(dH);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
+    const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden, const at::Tensor& weight,
+    const at::Tensor& targets, const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t chunk_size,
+    std::array<bool, 3> output_mask) {
+  return backward_impl(grad_logp, grad_lse, grad_entropy, at::Tensor(), hidden, weight, targets, bias, lse, entropy,
+                       temperature, ignore_index, chunk_size, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_saved_bwd(
+    const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t chunk_size,
+    std::array<bool, 3> output_mask) {
+  return backward_impl(grad_logp, grad_lse, grad_entropy, logits, hidden, weight, targets, bias, lse, entropy,
+                       temperature, ignore_index, chunk_size, output_mask);
 }
 
 }  // namespace gvu

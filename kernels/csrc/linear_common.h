@@ -103,4 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& entropy_in, double temperature, int64_t ignore_index, int64_t chunk_size,
     std::array<bool, 3> output_mask);
 
+// The same from the saved forward's logits (n_kept or more rows, V): no recompute.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_saved_bwd(
+    const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t chunk_size,
+    std::array<bool, 3> output_mask);
+
 }  // namespace gvu

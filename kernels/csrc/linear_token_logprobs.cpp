@@ -2,9 +2,11 @@
 //
 // Forward: each chunk's logits come from one GEMM (gemm_out into a reused buffer), then the fused row pass of
 // token_logprobs; when hidden needs a gradient also the (N, D) sums of its backward (see forward_impl). The
-// recompute backward (linear_backward.cpp) gives dW / db (and dH for a direct call) from V-blocks of logits.
+// recompute backward (linear_backward.cpp) gives dW / db and dH from V-blocks of recomputed logits; the saved
+// forward (linear_token_logprobs_saved) keeps the logits instead, for a backward with no recompute.
 // Rows whose target is ignore_index are dropped before the GEMMs (GRPO masks prompt tokens), so they cost
-// nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward, never N x V.
+// nothing. Peak extra memory: O(chunk * V) forward, O(64 MiB tile + N * D) backward, never N x V (except the
+// saved forward's output, which its caller sized against a budget).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -38,13 +40,15 @@ namespace {
 // recompute backward forms dH: the row kernel writes the chunk's (p - onehot) (and p (log p + H)) over the
 // logits tile (the coefficients of each row sum to zero, so the W_t - E cancellation happens inside the GEMM's
 // fp32 accumulation, not on two rounded N x D tensors), then one GEMM (n or 2n rows) x W gives them.
+// With `save`, the logits themselves: (N, V) in the chunk buffer's dtype, the kept rows in order in [0, n_kept),
+// zeros below; each chunk's GEMM writes straight into its rows, so saving costs no copy.
 struct FwdOut {
-  at::Tensor logp, lse, ent, cen, ent_dir;
+  at::Tensor logp, lse, ent, cen, ent_dir, logits;
 };
 
 FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets_in,
                     const c10::optional<at::Tensor>& bias_opt, double temperature, int64_t ignore_index,
-                    bool return_entropy, int64_t chunk_size, bool expected) {
+                    bool return_entropy, int64_t chunk_size, bool expected, bool save = false) {
   check_inputs(hidden, weight, targets_in, bias_opt);
   TORCH_CHECK(temperature > 0, "gvu_kernels: temperature must be > 0, got ", temperature);
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
@@ -56,18 +60,21 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   o.ent = at::zeros({return_entropy ? N : 0}, opts);
   o.cen = at::zeros({expected ? N : 0, expected ? D : 0}, weight.options());
   o.ent_dir = at::zeros({expected && return_entropy ? N : 0, expected && return_entropy ? D : 0}, weight.options());
+  // The logits chunk: in weight's dtype (as its GEMM writes it), fp32 when the products run in fp32 tiles.
+  const bool f32 = fp32_tiles() && weight.scalar_type() != at::kFloat;
+  const auto ldt = weight.options().dtype(f32 ? at::kFloat : weight.scalar_type());
+  o.logits = at::empty({save ? N : 0, V}, ldt);
   if (N == 0) return o;
   check_targets(targets.data_ptr<int64_t>(), N, V, ignore_index);
   const Rows rows = kept_rows(targets, ignore_index);
+  if (save && rows.n < N) o.logits.narrow(0, rows.n, N - rows.n).zero_();
   if (rows.n == 0) return o;
   const at::Tensor h = take(hidden, rows), t = take(targets, rows).contiguous();
   const at::Tensor bias = bias_in(bias_opt, weight);
   const bool two = expected && return_entropy;  // the chunk's p (log p + H) rows sit below its logits rows
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, rows.n)
                                    : chunk_rows(rows.n, V * weight.element_size() * (two ? 2 : 1));
-  // The logits chunk: in weight's dtype (as its GEMM writes it), fp32 when the products run in fp32 tiles.
-  const bool f32 = fp32_tiles() && weight.scalar_type() != at::kFloat;
-  at::Tensor buf = at::empty({two ? 2 * C : C, V}, weight.options().dtype(f32 ? at::kFloat : weight.scalar_type()));
+  at::Tensor buf = save ? o.logits : at::empty({two ? 2 * C : C, V}, ldt);
   // Outputs of the kept rows, scattered back at the end when rows were dropped.
   const bool scatter = rows.idx.defined();
   at::Tensor lp = scatter ? at::empty({rows.n}, opts) : o.logp;
@@ -84,7 +91,7 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   const float inv_t = static_cast<float>(1.0 / temperature);
   for (int64_t r0 = 0; r0 < rows.n; r0 += C) {
     const int64_t n = std::min(C, rows.n - r0);
-    at::Tensor L = buf.narrow(0, 0, n);
+    at::Tensor L = buf.narrow(0, save ? r0 : 0, n);
     chunk_logits(L, h.narrow(0, r0, n), weight, bias);
     const int64_t* tr = t.data_ptr<int64_t>() + r0;
     float* st = expected ? stats.data_ptr<float>() : nullptr;  // this chunk's (m, log s)
@@ -132,6 +139,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
   return {o.logp, o.lse, o.ent, o.cen, o.ent_dir};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_saved_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
+    int64_t chunk_size) {
+  FwdOut o = forward_impl(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size,
+                          false, true);
+  return {o.logp, o.lse, o.ent, o.logits};
+}
+
 }  // namespace gvu
 
 // Schemas and CPU implementations of this op (a fragment of the gvu_kernels library: each op registers its
@@ -147,16 +163,30 @@ TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
       "linear_token_logprobs_frozen(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature,"
       " int ignore_index, bool return_entropy, int chunk_size) -> (Tensor logp, Tensor lse, Tensor entropy,"
       " Tensor cen, Tensor ent_dir)");
+  // The same forward that also returns its logits (N, V) (kept rows first, in order; weight's dtype, fp32 in fp32
+  // tiles) for linear_token_logprobs_saved_backward: a trainable head's backward with no recompute, when the
+  // caller's memory budget allows N x V.
+  m.def(
+      "linear_token_logprobs_saved(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature,"
+      " int ignore_index, bool return_entropy, int chunk_size) -> (Tensor logp, Tensor lse, Tensor entropy,"
+      " Tensor logits)");
   m.def(
       "linear_token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor hidden,"
       " Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor entropy, float temperature,"
       " int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor grad_hidden, Tensor grad_weight,"
       " Tensor grad_bias)");
+  m.def(
+      "linear_token_logprobs_saved_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy,"
+      " Tensor logits, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor entropy,"
+      " float temperature, int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor grad_hidden,"
+      " Tensor grad_weight, Tensor grad_bias)");
   m.def("default_chunk_size(int n, int v) -> int", &gvu::default_chunk_size);  // for tests and the benchmark
 }
 
 TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {
   m.impl("linear_token_logprobs", &gvu::linear_token_logprobs_fwd);
   m.impl("linear_token_logprobs_frozen", &gvu::linear_token_logprobs_frozen_fwd);
+  m.impl("linear_token_logprobs_saved", &gvu::linear_token_logprobs_saved_fwd);
   m.impl("linear_token_logprobs_backward", &gvu::linear_token_logprobs_bwd);
+  m.impl("linear_token_logprobs_saved_backward", &gvu::linear_token_logprobs_saved_bwd);
 }

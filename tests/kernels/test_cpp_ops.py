@@ -1,5 +1,7 @@
-"""What only the C++ backend has: its torch.library registration (opcheck), extra outputs (lse), the frozen-head
-forward's saved state, ZeRO-3 released weights, and allocation bounds. Numerics are in test_<op>.py."""
+"""What only the C++ backend has: its torch.library registration (opcheck), extra outputs (lse), the linear op's
+three forwards (frozen-head sums, saved logits, recompute) and which one a call takes, ZeRO-3 released weights,
+and allocation bounds. Numerics are in test_<op>.py (which, on a trainable head, take the saved forward unless
+GVU_KERNELS_SAVE_LOGITS_MB=0); both backwards of a trainable head are forced here."""
 
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ def test_forward_allocates_no_n_by_v_buffer():
     assert peak <= 8 * v * 4 < nv_bytes
 
 
-def test_linear_backward_has_no_fp32_weight_sized_buffer():
+@pytest.mark.parametrize("budget_mb", ["0", "1000"])  # recompute, saved logits
+def test_linear_backward_has_no_fp32_weight_sized_buffer(monkeypatch, budget_mb):
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", budget_mb)
     n, d, v = 32, 64, 20000
     h = torch.randn(n, d).bfloat16().requires_grad_()
     w = (torch.randn(v, d) * 0.3).bfloat16().requires_grad_()
@@ -81,46 +85,134 @@ def test_linear_backward_has_no_fp32_weight_sized_buffer():
 # ---------------------------------------------------------------------------- linear, frozen-head forward
 
 
-def test_sums_forward_is_chosen_by_requires_grad():
-    # No switch: grad mode on and hidden requiring grad -> the forward with the (N, D) sums, whatever the head.
-    from kernels.cpp_ops.linear_token_logprobs import sums_forward
+def test_forward_kind_by_requires_grad_and_budget(monkeypatch):
+    # No switch but the budget: a frozen head with hidden needing a gradient -> the forward with the (N, D) sums;
+    # a trainable head -> saved logits when N x V fits GVU_KERNELS_SAVE_LOGITS_MB, else the recompute backward.
+    from kernels.cpp_ops.linear_token_logprobs import forward_kind, logits_budget_bytes
 
     h = torch.randn(3, 4, requires_grad=True)
-    assert sums_forward(h) and not sums_forward(h.detach())
+    w, b = torch.randn(50, 4), torch.randn(50)
+    assert forward_kind(h, w, b) == "sums" and forward_kind(h.detach(), w, b) == "plain"
+    wt, bt = w.clone().requires_grad_(), b.clone().requires_grad_()
+    monkeypatch.delenv("GVU_KERNELS_SAVE_LOGITS_MB", raising=False)
+    assert 0 < logits_budget_bytes() <= 2 << 30
+    for args in ((h, wt, None), (h.detach(), wt, None), (h, w, bt)):
+        assert forward_kind(*args) == "saved"
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", "0")
+    assert forward_kind(h, wt, b) == forward_kind(h, w, bt) == "plain"
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", str(3 * 50 * 4 / 2**20))  # exactly the fp32 logits
+    assert forward_kind(h, wt, b) == "saved"
+    assert forward_kind(torch.randn(4, 4, requires_grad=True), wt, b) == "plain"
     with torch.no_grad():
-        assert not sums_forward(h)
+        assert forward_kind(h, wt, bt) == "plain"
 
 
-def test_frozen_head_takes_the_fast_path():
-    # Behavioural, not by name: the frozen path saves no hidden and no logits, so changing hidden in place after
-    # the forward cannot break its backward (the recompute path must: it would recompute wrong logits).
+def test_each_forward_saves_what_its_backward_reads(monkeypatch):
+    # Behavioural, not by name: change hidden in place after the forward (.data: no version bump, so only a
+    # backward that reads hidden sees it) and see which gradients go wrong.
+    #   sums (frozen head): saves no hidden and no logits -> dH stays right;
+    #   saved (trainable): dH = G W from the saved logits stays right, dW = G^T H reads hidden -> wrong;
+    #   plain (trainable, budget 0): recomputes the logits from hidden -> dH wrong too.
     n, d, v = 8, 16, 300
     w, g = torch.randn(v, d), torch.randn(n)
     t = targets((n,), v, ignore_every=0)
     t[1] = IGN
-    h0 = torch.randn(n, d, requires_grad=True)
-    h = h0 * 1.0  # a non-leaf, so it can be changed in place
-    lp, _ = _lin(h, w, t, chunk_size=3)
-    saved = [x for x in lp.grad_fn.saved_tensors if x is not None]
-    assert not any(x is h or x.data_ptr() == h.data_ptr() for x in saved), "hidden saved: recompute path"
+    h_ref, w_ref = torch.randn(n, d, requires_grad=True), w.clone().requires_grad_()
+    (linear_token_logprobs_ref(h_ref, w_ref, t) * g).sum().backward()
+
+    def run(trainable):
+        h0 = h_ref.detach().clone().requires_grad_()
+        h = h0 * 1.0  # a non-leaf, so it can be changed in place
+        w_ = w.clone().requires_grad_(trainable)
+        lp, _ = _lin(h, w_, t, chunk_size=3)
+        saved = [x for x in lp.grad_fn.saved_tensors if x is not None]
+        h.data.add_(100.0)
+        lp.backward(g)
+        return h0.grad, w_.grad, saved
+
+    close = lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=1e-4)  # noqa: E731
+    dh, _, saved = run(trainable=False)
+    assert not any(x.data_ptr() == h_ref.data_ptr() for x in saved)
     assert any(x.shape == (n, d) for x in saved), "no (N, D) expected-row tensor saved"
-    h.data.add_(100.0)  # .data: no version bump either way, so only a path that reads hidden sees the change
-    lp.backward(g)
-    h_ref = h0.detach().clone().requires_grad_()
-    (linear_token_logprobs_ref(h_ref, w, t) * g).sum().backward()
-    torch.testing.assert_close(h0.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
-    # A trainable head: hidden's gradient comes from the same sums (right), the weight's from the recompute, which
-    # reads the changed hidden (wrong): the check can tell the two apart.
-    h0.grad = None
-    h = h0 * 1.0
-    w_t = w.clone().requires_grad_()
-    lp, _ = _lin(h, w_t, t, chunk_size=3)
-    h.data.add_(100.0)
-    lp.backward(g)
-    torch.testing.assert_close(h0.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
-    w_ref = w.clone().requires_grad_()
-    (linear_token_logprobs_ref(h0.detach(), w_ref, t) * g).sum().backward()
-    assert not torch.allclose(w_t.grad, w_ref.grad, atol=1e-3), "dW did not come from the recompute"
+    assert close(dh, h_ref.grad)
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", "100")
+    dh, dw, saved = run(trainable=True)
+    assert any(x.shape == (n, v) for x in saved), "no logits saved"
+    assert close(dh, h_ref.grad) and not close(dw, w_ref.grad)
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", "0")
+    dh, dw, saved = run(trainable=True)
+    assert not any(x.shape == (n, v) for x in saved)
+    assert not close(dh, h_ref.grad) and not close(dw, w_ref.grad)
+
+
+def _op_fn(kind):
+    """fn(h, w, t, bias=, return_entropy=, ...) on one forward op, whatever forward_kind would pick."""
+    op = {"sums": "linear_token_logprobs_frozen", "saved": "linear_token_logprobs_saved"}.get(
+        kind, "linear_token_logprobs"
+    )
+
+    def fn(h, w, t, *, bias, return_entropy, temperature, ignore_index, chunk_size=None):
+        out = getattr(torch.ops.gvu_kernels, op)(h, w, t, bias, temperature, ignore_index, return_entropy,
+                                                 chunk_size or 0)  # fmt: skip
+        return (out[0], out[2]) if return_entropy else out[0]
+
+    return fn
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("head", ["trainable", "weight", "frozen"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_and_recompute_backwards(dtype, entropy, bias, head, chunk_size):
+    # Each forward forced (the op itself, not forward_kind): logp, entropy and every gradient against the fp64
+    # reference by the suite's rule, and the saved backward equal to the recompute one up to float rounding.
+    # V = 9000 spans two backward V-blocks; ignored rows in the middle and at the end.
+    from _compare import assert_close, eager_linear, ref_linear, run_linear, upstream
+
+    n, d, v = 13, 24, 9000
+    torch.manual_seed(0)
+    h = torch.randn(n, d).to(dtype)
+    w = (torch.randn(v, d) * 0.3).to(dtype)
+    b = (torch.randn(v) * 0.1).to(dtype) if bias else None
+    t = targets((n,), v, ignore_every=4)
+    t[-1] = IGN
+    grads = {"trainable": ("hidden", "weight", "bias"), "weight": ("weight",), "frozen": ("hidden",)}[head]
+    kw = dict(temperature=0.8, ignore_index=IGN, grads=grads)
+    g, ge = upstream((n,))
+    same = run_linear(eager_linear, h, w, b, t, g, ge, entropy, **kw)
+    b64 = b.double() if bias else None
+    ref = run_linear(ref_linear, h.double(), w.double(), b64, t, g.double(), ge.double(), entropy, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    kinds = ("saved", "plain") + (("sums",) if head == "frozen" else ())
+    outs = {k: run_linear(_op_fn(k), h, w, b, t, g, ge, entropy, chunk_size=chunk_size, **kw) for k in kinds}
+    names = ("logp", "entropy", "d_hidden", "d_weight", "d_bias")
+    for kind, out in outs.items():
+        for i, (name, o, s_, r) in enumerate(zip(names, out[:5], same[:5], ref[:5], strict=True)):
+            assert (o is None) == (s_ is None), (kind, name)
+            if o is not None:
+                assert_close(f"{kind} {name}", o, s_, r, tol if i < 2 else tol * (1 + r.abs().max().item()))
+    if dtype == torch.float32:  # the same numbers either way, up to the GEMMs' rounding
+        for a, c in zip(outs["saved"][:5], outs["plain"][:5], strict=True):
+            if a is not None:
+                torch.testing.assert_close(a, c, atol=2e-6, rtol=1e-5)
+
+
+def test_saved_backward_runs_twice():
+    # retain_graph: the saved backward writes its grad-logits into a tile buffer, never over the saved logits.
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(500, 8, requires_grad=True)
+    t = targets((6,), 500)
+    lp, _, ent, logits = torch.ops.gvu_kernels.linear_token_logprobs_saved(h, w, t, None, 1.0, IGN, True, 0)
+    kept = int((t != IGN).sum())
+    z = h.detach()[t != IGN] @ w.detach().T
+    torch.testing.assert_close(logits[:kept], z, atol=1e-5, rtol=1e-5)
+    assert (logits[kept:] == 0).all()
+    loss = (lp + 0.5 * ent).sum()
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))
+    for a, c in zip(g1, g2, strict=True):
+        assert torch.equal(a, c)
 
 
 def test_frozen_head_lse_gradient():
@@ -200,6 +292,13 @@ def test_opcheck_linear_token_logprobs():
         torch.library.opcheck(ops.linear_token_logprobs_frozen.default, (h, w.detach(), t, b_, 0.9, IGN, ent, 2))
     args = (h.detach().bfloat16().requires_grad_(), w.detach().bfloat16(), t, None, 1.0, IGN, True, 0)
     torch.library.opcheck(ops.linear_token_logprobs_frozen.default, args)
+    # The saved-logits forward and its backward.
+    torch.library.opcheck(ops.linear_token_logprobs_saved.default, (h, w, t, b, 0.9, IGN, True, 2))
+    torch.library.opcheck(ops.linear_token_logprobs_saved.default, (h, w, t, None, 1.0, IGN, False, 0))
+    _, lse, ent, logits = ops.linear_token_logprobs_saved(h.detach(), w.detach(), t, b.detach(), 0.9, IGN, True, 0)
+    args = (torch.randn(5), None, torch.randn(5), logits, h.detach(), w.detach(), t, b.detach(), lse, ent, 0.9, IGN,
+            0, [True, True, True])  # fmt: skip
+    torch.library.opcheck(ops.linear_token_logprobs_saved_backward.default, args)
 
 
 def test_opcheck_group_advantages():
@@ -212,7 +311,8 @@ def test_opcheck_group_advantages():
 # ------------------------------------------------- fp32 tiles (CPUs without native bf16), forced on this one
 
 
-def test_fp32_tiles_path_matches_the_reference():
+@pytest.mark.parametrize("budget_mb", ["", "0"])  # trainable heads: saved logits (default budget), recompute
+def test_fp32_tiles_path_matches_the_reference(budget_mb):
     # The path a CPU without avx512_bf16 / amx_bf16 takes (bf16 / fp16 products in fp32 tiles), forced by
     # GVU_KERNELS_FP32_TILES=1 (read once per process, so in a fresh one): the low-precision linear tests hold.
     import os
@@ -222,12 +322,14 @@ def test_fp32_tiles_path_matches_the_reference():
     here = os.path.dirname(os.path.abspath(__file__))
     check = "import torch, kernels.cpp_ops as c; assert c.available() and torch.ops.gvu_kernels.fp32_tiles()"
     root = os.path.dirname(os.path.dirname(here))  # this checkout's kernels, not an installed one
-    env = dict(
-        os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    )
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, GVU_KERNELS_FP32_TILES="1", PYTHONPATH=path, GVU_KERNELS_SAVE_LOGITS_MB=budget_mb)
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=root)
     sel = "cpp and (low_precision or bf16 or frozen_head_matches or chunk_borders or block_borders)"
-    test_file = os.path.join(here, "test_linear_token_logprobs.py")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", sel]
+    files = [os.path.join(here, "test_linear_token_logprobs.py")]
+    if budget_mb == "0":  # once: it forces each forward itself
+        files.append(os.path.join(here, "test_cpp_ops.py"))
+        sel = f"({sel}) or saved_and_recompute"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", sel]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:]
