@@ -143,21 +143,36 @@ class UnderstandingTask:
 
     def metrics(self, questions, logp, truth, rewards, G) -> dict[str, float]:
         """und/{reward/mean, reward/group_std, accuracy (the most likely choice holds), p_true (pi's mass on true
-        choices), questions} and und/<kind>/{asked, correct} for every configured kind (per_kind_accuracy)."""
+        choices), questions} and und/<kind>/{asked, correct} for every configured kind; also the sums behind the
+        means (und/sum/*), so that `summarise` re-forms each mean over all ranks' questions after the rank average
+        (a rank may have no questions: joint.source generated)."""
         Q = len(questions)
         greedy = truth.gather(1, logp.argmax(1, keepdim=True)).squeeze(1) if Q else torch.zeros(0, dtype=torch.bool)
-        out = {
-            "und/reward/mean": rewards.mean().item() if Q else float("nan"),
-            "und/reward/group_std": rewards.view(-1, G).std(1).mean().item() if Q else 0.0,
-            "und/accuracy": greedy.float().mean().item() if Q else float("nan"),
-            "und/p_true": (logp.exp() * truth).sum(1).mean().item() if Q else float("nan"),
-            "und/questions": float(Q),
+        sums = {
+            "und/sum/reward": rewards.sum().item() if Q else 0.0,
+            "und/sum/group_std": rewards.view(-1, G).std(1).sum().item() if Q else 0.0,
+            "und/sum/correct": greedy.float().sum().item() if Q else 0.0,
+            "und/sum/p_true": (logp.exp() * truth).sum().item() if Q else 0.0,
         }
+        out = {**sums, "und/questions": float(Q)}
         for k in self.kinds:
             sel = [i for i, q in enumerate(questions) if q.kind == k]
             out[f"und/{k}/asked"] = float(len(sel))
             out[f"und/{k}/correct"] = float(greedy[sel].sum()) if sel else 0.0
-        return out
+        return summarise(out, (), G)  # per-kind accuracy only after the rank average (NaN for a kind not asked)
+
+
+def summarise(metrics: dict, kinds, G: int) -> dict[str, float]:
+    """The means from the (rank-averaged) sums and counts: und/{reward/mean, reward/group_std, accuracy, p_true}
+    over every question of the step, and und/<kind>/accuracy = correct / asked (per_kind_accuracy); NaN where no
+    question was asked. The rank average scales sums and counts alike, so the ratios are the all-rank ones."""
+    q = metrics["und/questions"]
+    per_q = {"und/reward/mean": metrics["und/sum/reward"] / G, "und/reward/group_std": metrics["und/sum/group_std"],
+             "und/accuracy": metrics["und/sum/correct"], "und/p_true": metrics["und/sum/p_true"]}  # fmt: skip
+    out = {**metrics, **{k: v / q if q else float("nan") for k, v in per_q.items()}}
+    if not q:
+        out["und/reward/group_std"] = 0.0
+    return out | per_kind_accuracy(metrics, kinds)
 
 
 def per_kind_accuracy(metrics: dict, kinds) -> dict[str, float]:

@@ -282,8 +282,8 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
         metrics.update({f"time/{k}": v for k, v in phases.items()})
         metrics["time/step"] = time.time() - t0
         metrics = all_reduce_mean(metrics, world)
-        if task:  # per-kind accuracy from the counts summed over ranks
-            metrics.update(J.per_kind_accuracy(metrics, task.kinds))
+        if task:  # the understanding means over every rank's questions, from the rank-averaged sums and counts
+            metrics = J.summarise(metrics, task.kinds, cfg.joint.group_size)
         steps_done = step + 1
         writer.log(steps_done, metrics)
         if profiler is not None:

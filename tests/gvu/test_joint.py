@@ -89,6 +89,28 @@ def test_rewards_are_exact_and_advantages_per_question_group(train_metas):
     assert groups.abs().sum() > 0 and torch.allclose(groups.sum(1), torch.zeros(12), atol=1e-5)
 
 
+def test_rank_averaged_metrics_are_the_means_over_all_ranks_questions(train_metas):
+    """Two ranks, one without questions (joint.source generated can leave one empty): the all-reduce mean of their
+    metrics, summarised, equals one rank's metrics over the same questions, not NaN."""
+    from gvu.train import all_reduce_mean
+
+    backend, model = ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    cfg = load_config(None, ["--joint.enabled=true", "--joint.questions_per_step=8", "--joint.group_size=4"])
+    task, ro = _rollout(cfg, train_metas, backend, model.eval())
+    empty = task.metrics([], torch.zeros(0, 1), torch.zeros((0, 1), dtype=torch.bool), torch.zeros(0), 4)
+    assert np.isnan(empty["und/accuracy"]) and empty["und/reward/group_std"] == 0.0
+    two = [ro.metrics, empty]
+    mean = {k: sum(m[k] for m in two) / 2 for k in ro.metrics}  # what all_reduce_mean gives over 2 ranks
+    assert all_reduce_mean(dict(ro.metrics), 1) == ro.metrics
+    got = J.summarise(mean, task.kinds, 4)
+    for k in ("und/reward/mean", "und/reward/group_std", "und/accuracy", "und/p_true"):
+        assert got[k] == pytest.approx(ro.metrics[k]), k
+    alone = J.summarise(ro.metrics, task.kinds, 4)
+    for k in task.kinds:
+        a, b = got[f"und/{k}/accuracy"], alone[f"und/{k}/accuracy"]
+        assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b), k
+
+
 def test_understanding_loss_reaches_the_language_models_lora_and_splits_exactly(train_metas):
     from gvu import engine as E
 
