@@ -19,7 +19,7 @@ def test_merged_checkpoint_matches_the_adapted_model(tmp_path, capsys):
     policy = build_policy(cfg, backend, model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: LoRA B and the head update away from their zero init
-        for name, p in policy.named_parameters():
+        for p in policy.parameters():
             if p.requires_grad:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     save_adapter(policy, tmp_path / "adapter", step=1, is_main=True)
