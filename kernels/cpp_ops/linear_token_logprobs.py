@@ -192,7 +192,13 @@ def logits_budget_bytes() -> int:
     """Bytes of N x V logits the saved forward may keep (GVU_KERNELS_SAVE_LOGITS_MB, else the default above)."""
     env = os.environ.get(_BUDGET_ENV)
     if env:
-        return int(float(env) * 2**20)
+        try:
+            mib = float(env)
+        except ValueError:
+            raise ValueError(f"{_BUDGET_ENV}={env!r}: give MiB as a number (0: always recompute)") from None
+        if not mib >= 0:
+            raise ValueError(f"{_BUDGET_ENV}={env!r}: must be >= 0 MiB (0: always recompute)")
+        return int(mib * 2**20)
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

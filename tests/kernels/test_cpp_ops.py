@@ -105,6 +105,10 @@ def test_forward_kind_by_requires_grad_and_budget(monkeypatch):
     assert forward_kind(torch.randn(4, 4, requires_grad=True), wt, b) == "plain"
     with torch.no_grad():
         assert forward_kind(h, wt, bt) == "plain"
+    for bad in ("2GB", "-1"):  # a bad budget names the variable and the fix
+        monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", bad)
+        with pytest.raises(ValueError, match="GVU_KERNELS_SAVE_LOGITS_MB"):
+            logits_budget_bytes()
 
 
 def test_each_forward_saves_what_its_backward_reads(monkeypatch):
