@@ -208,3 +208,20 @@ def test_resuming_a_run_saved_before_the_joint_section_sees_no_change(tmp_path):
     assert run_folder.check_resume_config(Config(), tmp_path) == []
     with pytest.raises(ConfigError, match="joint.enabled"):
         run_folder.check_resume_config(load_config(None, ["--joint.enabled=true"]), tmp_path)
+
+
+def test_two_ranks_log_the_understanding_over_both_ranks_questions(ckpt, tmp_path):
+    """A real two-rank run (DeepSpeed, gloo) with joint RL: it finishes and its logged understanding metrics are
+    the means over both ranks' questions (finite; the counts summed), as `summarise` re-forms them."""
+    args = small_run(ckpt, tmp_path / "run", 2, "--train.threads=1", "--lora.scope=all", "--joint.enabled=true",
+                     "--joint.questions_per_step=4", "--joint.group_size=2", "--grpo.prompts_per_step=2",
+                     "--grpo.group_size=2")  # fmt: skip
+    proc = run_trainer(args, tmp_path, ranks=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert r["und/questions"] == 2.0  # the rank average of 2 questions each
+        assert 0.0 <= r["und/accuracy"] <= 1.0 and 0.0 <= r["und/reward/mean"] <= 1.0
+        asked = sum(r[f"und/{k}/asked"] for k in ("count", "color", "size", "shape", "position"))
+        assert asked == pytest.approx(2.0)
