@@ -104,7 +104,9 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, is_main: bool
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest"
     if (ckpt_dir / tag).exists() and latest.exists() and latest.read_text().strip() == tag:
-        return  # already saved (the last step of a run that saved on schedule)
+        # already saved by an earlier process (every rank reads the same file); within one process the trainer
+        # skips a repeated step itself: rank 0 writes `latest` below, after the barrier, racing the others' reads
+        return
     client = {"step": step, "rng": rng_state(), **state}
     try:
         engine.save_checkpoint(

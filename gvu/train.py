@@ -253,8 +253,15 @@ def run(cfg: Config, changes: list, is_main: bool) -> int:
     writer = MetricsWriter(run_dir, is_main, resume_step=start_step)
     results = dict(state.get("results", {}))
 
+    saved = [start_step or None]  # the step this process last saved (or resumed from), the same on every rank
+
     def save(step: int) -> None:
+        # decided from process state, not from the files: rank 0 writes checkpoints/latest after the save's barrier,
+        # so a rank reading it for the run's final save could see it missing, save alone and hang the others
+        if saved[0] == step:
+            return
         checkpoint.save_checkpoint(engine, run_dir, step, {"results": results}, is_main, cfg.train.keep_checkpoints)
+        saved[0] = step
 
     def evaluate(label: str, key: str, grid: str) -> None:
         say(f"evaluating the {label} on {len(eval_metas)} held-out prompts x {cfg.train.eval_samples} samples ...")
