@@ -45,7 +45,7 @@ from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import gathered, saveable, unwrap
-from gvu.rollout import SamplingConfig, cfg_combine, prompt_groups, sample_images
+from gvu.rollout import HeadParts, SamplingConfig, affine_projection, cfg_combine, prompt_groups, sample_images
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -265,6 +265,7 @@ class JanusUMM:
         u, cfg = len(p), sampling.cfg_scale > 1
         ids, mask = self._cfg_rows(p.gen_ids, p.gen_mask, cfg)
         emb = lm.get_input_embeddings()(ids)
+        head = lm.model.generation_head
         return sample_images(
             body,
             {"inputs_embeds": emb[:u]},
@@ -273,11 +274,25 @@ class JanusUMM:
             steps=self.image_len,
             fed_len=self.image_len - 1,
             feed=lambda tok, t: {"inputs_embeds": lm.prepare_embeddings_for_image_generation(tok[:, None])},
-            logits=lm.model.generation_head,
+            logits=head,
             sampling=sampling,
             generator=generator,
             uncond=({"inputs_embeds": emb[u:]}, mask[u:]) if cfg else None,
+            head=self._head_parts(head),
         )
+
+    @staticmethod
+    def _head_parts(head) -> HeadParts | None:
+        """The generation head (proj_out, GELU, vision_head) split before vision_head, for sampling's CFG on its
+        2048-wide input (Janus-Pro-1B) and, on CPU, a transposed copy of its 16384 x F weight; None where
+        vision_head is not a plain Linear (e.g. adapted by a LoRA: its module is then called as it is)."""
+        features = lambda h: head.activation_fn(head.proj_out(h))  # noqa: E731
+        vh = head.vision_head
+        if type(vh) is not torch.nn.Linear:
+            return HeadParts(features, vh)
+        if any(hasattr(p, "ds_id") for p in vh.parameters()):  # ZeRO-3: its module call gathers the weight
+            return HeadParts(features, vh)
+        return HeadParts(features, affine_projection(vh.weight, vh.bias))
 
     def image_logprobs(
         self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0

@@ -85,6 +85,16 @@ def test_sampling_is_seeded_and_filters_apply(tiny):
     assert int(rank.max()) < 3
 
 
+def test_the_split_generation_head_is_the_head(tiny):
+    """The sampling path's head (features before vision_head, then its packed projection) == generation_head."""
+    _, adapter, model = tiny
+    head = model.model.generation_head
+    h = torch.randn(5, head.proj_out.in_features)
+    parts = adapter._head_parts(head)
+    with torch.no_grad():
+        torch.testing.assert_close(parts.project(parts.features(h)), head(h))
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 

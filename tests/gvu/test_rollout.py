@@ -154,3 +154,56 @@ def test_sampled_cfg_combines_as_the_greedy_formula_does(llama, monkeypatch):
     assert len(seen) == 6
     for a, b in zip(seen[:3], seen[3:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_a_split_head_hands_the_sampler_the_logits_of_the_whole_head(llama, monkeypatch, cfg_scale):
+    """HeadParts (features, then an affine projection): sampling combines CFG on the features and projects half the
+    rows; the logits handed to the sampler equal the whole head's CFG-combined logits to rounding, and a projection
+    that is not the head's last layer (its bias doubled) is caught, so the split path is the one that ran."""
+    import gvu.rollout as R
+
+    torch.manual_seed(4)
+    ids = torch.randint(1, 50, (2, 5))
+    mask = torch.ones_like(ids)
+    first, last = torch.nn.Linear(32, 24), torch.nn.Linear(24, 16)
+    head = torch.nn.Sequential(first, torch.nn.GELU(), last)
+    seen = []
+
+    def record(z, sampling, generator=None):
+        seen.append(z.clone())
+        return z.argmax(-1)
+
+    monkeypatch.setattr(R, "sample_next", record)
+    common = dict(steps=3, fed_len=2, feed=lambda tok, t: {"input_ids": tok[:, None] + 20}, logits=head)
+    uncond = ({"input_ids": torch.ones_like(ids)}, mask) if cfg_scale > 1 else None
+    features = lambda h: torch.nn.functional.gelu(first(h))  # noqa: E731
+    wrong = R.affine_projection(last.weight, 2 * last.bias)
+    for parts in (
+        None,
+        R.HeadParts(features, R.affine_projection(last.weight, last.bias)),
+        R.HeadParts(features, wrong),
+    ):
+        R.sample_images(llama, {"input_ids": ids}, mask, torch.tensor([2, 1]), uncond=uncond, head=parts,
+                        sampling=SamplingConfig(cfg_scale=cfg_scale), **common)  # fmt: skip
+    assert len(seen) == 9 and seen[0].shape == (3, 16)
+    for a, b, c in zip(seen[:3], seen[3:6], seen[6:], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert (c - a).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_affine_projection_is_the_linear_at_every_row_count(dtype, bias):
+    """The packed-weight projection (MKL on CPU in fp32, F.linear otherwise) == F.linear, for row counts it has and
+    has not packed for, after the weight it was made from is left alone."""
+    from gvu.rollout import affine_projection
+
+    torch.manual_seed(5)
+    w, b = torch.randn(300, 64, dtype=dtype), torch.randn(300, dtype=dtype) if bias else None
+    project = affine_projection(w, b)
+    for m in (1, 8, 8, 3):
+        x = torch.randn(m, 64, dtype=dtype)
+        out = project(x)
+        assert out.shape == (m, 300) and out.dtype == dtype
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b))
