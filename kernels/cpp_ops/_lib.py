@@ -88,3 +88,28 @@ def default_chunk_size(n: int, v: int) -> int:
     """Rows per chunk linear_token_logprobs uses when chunk_size is None."""
     require()
     return torch.ops.gvu_kernels.default_chunk_size(n, v)
+
+
+_BUDGET_CAP = 2 << 30
+
+
+def memory_budget_bytes(env: str, zero_means: str) -> int:
+    """Bytes from the MiB in environment variable `env`, else min(2 GiB, MemAvailable / 4); read per call.
+
+    A value that is not a number >= 0 is an error naming the variable (`zero_means`: what 0 does, for the message).
+    """
+    value = os.environ.get(env)
+    if value:
+        try:
+            mib = float(value)
+        except ValueError:
+            raise ValueError(f"{env}={value!r}: give MiB as a number (0: {zero_means})") from None
+        if not mib >= 0:
+            raise ValueError(f"{env}={value!r}: must be >= 0 MiB (0: {zero_means})")
+        return int(mib * 2**20)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return _BUDGET_CAP
+    return min(_BUDGET_CAP, avail // 4)

@@ -16,11 +16,9 @@ Three forwards, chosen per call by `forward_kind` (what needs a gradient, and me
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kernels.cpp_ops._lib import require
+from kernels.cpp_ops._lib import memory_budget_bytes, require
 
 _OP = "gvu_kernels::linear_token_logprobs"
 
@@ -185,26 +183,11 @@ def _check_saved_weight(weight: torch.Tensor, d: int) -> None:
 # (0: always recompute). Default: min(2 GiB, MemAvailable / 4), read per call; the logits live from the forward to
 # the end of the backward, next to everything else the step holds.
 _BUDGET_ENV = "GVU_KERNELS_SAVE_LOGITS_MB"
-_BUDGET_CAP = 2 << 30
 
 
 def logits_budget_bytes() -> int:
     """Bytes of N x V logits the saved forward may keep (GVU_KERNELS_SAVE_LOGITS_MB, else the default above)."""
-    env = os.environ.get(_BUDGET_ENV)
-    if env:
-        try:
-            mib = float(env)
-        except ValueError:
-            raise ValueError(f"{_BUDGET_ENV}={env!r}: give MiB as a number (0: always recompute)") from None
-        if not mib >= 0:
-            raise ValueError(f"{_BUDGET_ENV}={env!r}: must be >= 0 MiB (0: always recompute)")
-        return int(mib * 2**20)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return _BUDGET_CAP
-    return min(_BUDGET_CAP, avail // 4)
+    return memory_budget_bytes(_BUDGET_ENV, "always recompute")
 
 
 def forward_kind(hidden, weight, bias) -> str:

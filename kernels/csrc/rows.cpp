@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 namespace gvu {
@@ -108,6 +109,23 @@ bool huge_pages_enabled() {
     return v != nullptr && std::string(v) == "1";
   }();
   return on;
+}
+
+at::Tensor reusable_rows(int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes, bool* fresh) {
+  static std::mutex mu;
+  static at::Tensor kept;  // holds the buffer's storage: use_count 1 means no tensor but this one refers to it
+  const int64_t need = N * V * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache_bytes <= 0) kept = at::Tensor();
+  if (cache_bytes > 0 && need <= cache_bytes && kept.defined() && kept.storage().use_count() == 1 &&
+      static_cast<int64_t>(kept.storage().nbytes()) >= need) {
+    *fresh = false;
+    return at::empty({0}, opts).set_(kept.storage(), 0, {N, V}, {V, 1});
+  }
+  *fresh = true;
+  at::Tensor t = at::empty({N, V}, opts.memory_format(at::MemoryFormat::Contiguous));
+  if (cache_bytes > 0 && need <= cache_bytes) kept = t;  // the newest fitting one (a busy older one stays with its holder)
+  return t;
 }
 
 void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index) {

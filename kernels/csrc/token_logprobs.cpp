@@ -57,16 +57,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(co
 at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
                               const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                               const at::Tensor& targets_in, const at::Tensor& stats_in, const at::Tensor& entropy_in,
-                              double temperature, int64_t ignore_index) {
+                              double temperature, int64_t ignore_index, int64_t grad_cache_bytes) {
   const at::Tensor logits = rows_view(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor grad = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  bool fresh = true;
+  at::Tensor grad = reusable_rows(N, V, logits.options(), grad_cache_bytes, &fresh);
   if (N == 0) return grad;
-  // The gradient is a fresh N x V buffer whose first touch (page faults + zeroing) is a large part of the
-  // backward: 4096 x 32000 fp32 took 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones. But on this VM the first
-  // huge-page allocation in a process cost 3.5 s (vs 0.9 s) for 1.2 GB, so huge pages are opt-in
-  // (GVU_KERNELS_THP=1), like torch's own THP_MEM_ALLOC_ENABLE.
-  if (huge_pages_enabled()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  // A fresh N x V gradient's first touch (page faults + zeroing) is a large part of the backward, hence
+  // reusable_rows; where it must be fresh: 4096 x 32000 fp32 took 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones.
+  // But on one VM the first huge-page allocation in a process cost 3.5 s (vs 0.9 s) for 1.2 GB, so huge pages are
+  // opt-in (GVU_KERNELS_THP=1), like torch's own THP_MEM_ALLOC_ENABLE.
+  if (fresh && huge_pages_enabled()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const at::Tensor gl = as_f32(grad_logp, N, "grad_logp"), gs = as_f32(grad_lse, N, "grad_lse");
   at::Tensor ge = as_f32(grad_entropy, N, "grad_entropy");
@@ -95,7 +96,8 @@ TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
       " -> (Tensor logp, Tensor lse, Tensor entropy, Tensor stats)");
   m.def(
       "token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor logits,"
-      " Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+      " Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index,"
+      " int grad_cache_bytes=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {

@@ -50,6 +50,46 @@ def test_op_checks_targets_itself():
         cpp_ops.group_advantages_cpp(torch.zeros(6), 4, eps=1e-4, scale="group", unbiased=True)
 
 
+def _holders(t: torch.Tensor) -> int:
+    """References to t's storage besides t and the Python storage object made to ask."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 2
+
+
+def test_backward_reuses_its_gradient_buffer_only_once_nothing_holds_it(monkeypatch):
+    """GVU_KERNELS_GRAD_CACHE_MB: a backward writes into the buffer it kept from the last one once that gradient is
+    freed, never while it is alive (a kept .grad keeps its values); it keeps none past the budget or at 0; a bad
+    value names the variable."""
+    from kernels.ops import token_logprobs
+
+    monkeypatch.delenv("GVU_KERNELS_GRAD_CACHE_MB", raising=False)
+    base = torch.randn(6, 300)
+    t = targets((6,), 300, ignore_every=0)
+
+    def grad(scale=1.0):
+        x = base.clone().requires_grad_()
+        (token_logprobs(x, t) * scale).sum().backward()
+        return x.grad
+
+    first = grad()
+    kept = first.clone()
+    assert _holders(first) == 1  # the op keeps a reference to the buffer
+    second = grad(2.0)  # first is alive: a fresh buffer, and first's values stay
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    torch.testing.assert_close(second, 2 * kept)
+    ptr = second.data_ptr()
+    del first, second
+    third = grad()  # second's buffer, still held by the op (so no fresh tensor could be at that address)
+    assert third.data_ptr() == ptr and _holders(third) == 1
+    torch.testing.assert_close(third, kept)
+    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", str(6 * 300 * 4 / 2**20 / 2))  # half of one gradient
+    assert _holders(grad()) == 0
+    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", "0")
+    assert _holders(grad()) == 0 and _holders(third) == 0  # 0 also lets the kept buffer go
+    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", "abc")
+    with pytest.raises(ValueError, match="GVU_KERNELS_GRAD_CACHE_MB"):
+        grad()
+
+
 def _max_alloc(fn) -> int:
     """Largest single tensor allocation while fn runs (torch.profiler memory events)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
