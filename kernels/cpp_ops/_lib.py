@@ -91,6 +91,17 @@ def default_chunk_size(n: int, v: int) -> int:
 
 
 _BUDGET_CAP = 2 << 30
+# GVU_KERNELS_REUSE_MB: the most MiB of each N x V buffer made anew every step (a token backward's gradient, a
+# trainable head's saved logits) that the ops keep between calls to write the next one into (0: fresh tensors).
+# Default min(2 GiB, MemAvailable / 4), read per call. Reused only once nothing holds the last one (csrc/rows.h:
+# reusable_rows): a training loop then writes into mapped pages instead of faulting in N x V new ones each step
+# (on CPU torch caches no memory); the buffers stay allocated between steps.
+_REUSE_ENV = "GVU_KERNELS_REUSE_MB"
+
+
+def reuse_bytes() -> int:
+    """Bytes of each N x V buffer the ops may keep for reuse (GVU_KERNELS_REUSE_MB, else the default above)."""
+    return memory_budget_bytes(_REUSE_ENV, "fresh buffers every call")
 
 
 def memory_budget_bytes(env: str, zero_means: str) -> int:

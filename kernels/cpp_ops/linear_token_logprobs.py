@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpp_ops._lib import memory_budget_bytes, require
+from kernels.cpp_ops._lib import memory_budget_bytes, require, reuse_bytes
 
 _OP = "gvu_kernels::linear_token_logprobs"
 
@@ -44,7 +44,7 @@ def register() -> None:
     tiles = torch.ops.gvu_kernels.fp32_tiles()  # fixed per process
 
     @torch.library.register_fake(_OP + "_saved")
-    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size):
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size, reuse_bytes=0):
         n = hidden.shape[0]
         out = hidden.new_empty((n,), dtype=torch.float32)
         ent = hidden.new_empty((n if return_entropy else 0,), dtype=torch.float32)
@@ -91,7 +91,7 @@ def _backward(ctx, g_logp, g_lse, g_ent):
 
 
 def _saved_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, ignore_index, _, chunk_size = inputs
+    hidden, weight, targets, bias, temperature, ignore_index, _, chunk_size = inputs[:8]  # [8]: reuse_bytes
     _, lse, ent, logits = output
     ctx.save_for_backward(logits, hidden, weight, targets, bias, lse, ent)
     ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
@@ -101,7 +101,7 @@ def _saved_setup(ctx, inputs, output):
 
 def _saved_backward(ctx, g_logp, g_lse, g_ent, _g_logits):
     logits, hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
-    return _tile_backward(ctx, logits, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent)
+    return _tile_backward(ctx, logits, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent) + (None,)
 
 
 def _tile_backward(ctx, logits, hidden, weight, targets, bias, lse, ent, g_logp, g_lse, g_ent):
@@ -217,6 +217,7 @@ def linear_token_logprobs_cpp(
     op = {"sums": ops.linear_token_logprobs_frozen, "saved": ops.linear_token_logprobs_saved}.get(
         kind, ops.linear_token_logprobs
     )
-    out = op(hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
-             int(chunk_size or 0))  # fmt: skip
+    args = (hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy),
+            int(chunk_size or 0))  # fmt: skip
+    out = op(*args, reuse_bytes()) if kind == "saved" else op(*args)
     return out[0], (out[2] if return_entropy else None)

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpp_ops._lib import memory_budget_bytes, require
+from kernels.cpp_ops._lib import require, reuse_bytes
 
 _OP = "gvu_kernels::token_logprobs"
-# GVU_KERNELS_GRAD_CACHE_MB: the most MiB of an N x V gradient the backward keeps between calls to write the next
-# one into (0: a fresh tensor each backward). Default min(2 GiB, MemAvailable / 4), read per call. Reused only when
-# nothing holds the last one any more (csrc/rows.h: reusable_rows): steady-state training then writes into mapped
-# pages instead of faulting in N x V new ones each step; the buffer stays allocated between steps.
-_GRAD_CACHE_ENV = "GVU_KERNELS_GRAD_CACHE_MB"
-
-
-def grad_cache_bytes() -> int:
-    """Bytes of gradient buffer the backward may keep (GVU_KERNELS_GRAD_CACHE_MB, else the default above)."""
-    return memory_budget_bytes(_GRAD_CACHE_ENV, "a fresh gradient each backward")
 
 
 def register() -> None:
@@ -31,7 +21,7 @@ def register() -> None:
 
     @torch.library.register_fake(_OP + "_backward")
     def _(grad_logp, grad_lse, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index,
-          grad_cache_bytes=0):  # fmt: skip
+          reuse_bytes=0):  # fmt: skip
         return logits.new_empty(logits.shape)
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup)
@@ -52,7 +42,7 @@ def _backward(ctx, g_logp, g_lse, g_ent, _g_stats):
     logits, targets, stats, ent = ctx.saved_tensors
     g_ent = g_ent if ent.numel() else None
     g = torch.ops.gvu_kernels.token_logprobs_backward(
-        g_logp, g_lse, g_ent, logits, targets, stats, ent, ctx.temperature, ctx.ignore_index, grad_cache_bytes()
+        g_logp, g_lse, g_ent, logits, targets, stats, ent, ctx.temperature, ctx.ignore_index, reuse_bytes()
     )
     return g, None, None, None, None
 

@@ -13,4 +13,6 @@ TORCH_LIBRARY(gvu_kernels, m) {
   m.def("simd_level() -> str", []() { return std::string(gvu::simd_level()); });
   // Whether linear_token_logprobs forms bf16 / fp16 products in fp32 tiles (no native bf16, or forced).
   m.def("fp32_tiles() -> bool", []() { return gvu::fp32_tiles(); });
+  // How many N x V buffers were reused so far (rows.h: reusable_rows), [token gradients, saved logits].
+  m.def("reuse_counts() -> int[]", []() { return gvu::reuse_counts(); });
 }

@@ -48,7 +48,8 @@ struct FwdOut {
 
 FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets_in,
                     const c10::optional<at::Tensor>& bias_opt, double temperature, int64_t ignore_index,
-                    bool return_entropy, int64_t chunk_size, bool expected, bool save = false) {
+                    bool return_entropy, int64_t chunk_size, bool expected, bool save = false,
+                    int64_t reuse_bytes = 0) {
   check_inputs(hidden, weight, targets_in, bias_opt);
   TORCH_CHECK(temperature > 0, "gvu_kernels: temperature must be > 0, got ", temperature);
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
@@ -63,7 +64,8 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   // The logits chunk: in weight's dtype (as its GEMM writes it), fp32 when the products run in fp32 tiles.
   const bool f32 = fp32_tiles() && weight.scalar_type() != at::kFloat;
   const auto ldt = weight.options().dtype(f32 ? at::kFloat : weight.scalar_type());
-  o.logits = at::empty({save ? N : 0, V}, ldt);
+  bool fresh = true;  // saved logits: rows the GEMMs overwrite, so a reused buffer needs no clearing
+  o.logits = save ? reusable_rows(Reuse::SavedLogits, N, V, ldt, reuse_bytes, &fresh) : at::empty({0, V}, ldt);
   if (N == 0) return o;
   check_targets(targets.data_ptr<int64_t>(), N, V, ignore_index);
   const Rows rows = kept_rows(targets, ignore_index);
@@ -142,9 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_saved_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
-    int64_t chunk_size) {
+    int64_t chunk_size, int64_t reuse_bytes) {
   FwdOut o = forward_impl(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_size,
-                          false, true);
+                          false, true, reuse_bytes);
   return {o.logp, o.lse, o.ent, o.logits};
 }
 
@@ -168,8 +170,8 @@ TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
   // caller's memory budget allows N x V.
   m.def(
       "linear_token_logprobs_saved(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature,"
-      " int ignore_index, bool return_entropy, int chunk_size) -> (Tensor logp, Tensor lse, Tensor entropy,"
-      " Tensor logits)");
+      " int ignore_index, bool return_entropy, int chunk_size, int reuse_bytes=0) -> (Tensor logp, Tensor lse,"
+      " Tensor entropy, Tensor logits)");
   m.def(
       "linear_token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor hidden,"
       " Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor entropy, float temperature,"

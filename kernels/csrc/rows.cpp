@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -111,20 +112,29 @@ bool huge_pages_enabled() {
   return on;
 }
 
-at::Tensor reusable_rows(int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes, bool* fresh) {
+std::atomic<int64_t> reused_counts[2];
+
+std::vector<int64_t> reuse_counts() { return {reused_counts[0].load(), reused_counts[1].load()}; }
+
+at::Tensor reusable_rows(Reuse slot, int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes,
+                         bool* fresh) {
   static std::mutex mu;
-  static at::Tensor kept;  // holds the buffer's storage: use_count 1 means no tensor but this one refers to it
+  static at::Tensor slots[2];  // each holds its buffer's storage: use_count 1 means no other tensor refers to it
+  at::Tensor& kept = slots[static_cast<int>(slot)];
   const int64_t need = N * V * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
   std::lock_guard<std::mutex> lock(mu);
   if (cache_bytes <= 0) kept = at::Tensor();
   if (cache_bytes > 0 && need <= cache_bytes && kept.defined() && kept.storage().use_count() == 1 &&
       static_cast<int64_t>(kept.storage().nbytes()) >= need) {
     *fresh = false;
+    reused_counts[static_cast<int>(slot)] += 1;
     return at::empty({0}, opts).set_(kept.storage(), 0, {N, V}, {V, 1});
   }
   *fresh = true;
   at::Tensor t = at::empty({N, V}, opts.memory_format(at::MemoryFormat::Contiguous));
-  if (cache_bytes > 0 && need <= cache_bytes) kept = t;  // the newest fitting one (a busy older one stays with its holder)
+  // the newest fitting one (a busy older one stays with its holder), through a TensorImpl of its own: the storage's
+  // use count then counts exactly the tensors handed out that still live (not alias(): a view keeps its base)
+  if (cache_bytes > 0 && need <= cache_bytes) kept = at::empty({0}, opts).set_(t.storage(), 0, {N, V}, {V, 1});
   return t;
 }
 

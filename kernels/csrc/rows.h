@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "row_kernels.h"
 
@@ -43,13 +44,17 @@ bool fp32_tiles();
 void advise_huge_pages(void* p, size_t bytes);
 bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)
 
-// An (N, V) contiguous tensor in `opts` for a backward's gradient. From one buffer kept between calls when nothing
-// else holds its storage any more (autograd has consumed and freed the last gradient) and it is large enough, so a
-// training loop writes each step's gradient into pages already mapped instead of faulting in N x V fresh ones
+// An (N, V) contiguous tensor in `opts` for an N x V buffer made anew each step (a token backward's gradient, a
+// trainable head's saved logits: one `slot` each). From one buffer per slot kept between calls when nothing else
+// holds its storage any more (autograd has consumed and freed the last one) and it is large enough, so a training
+// loop writes each step's buffer into pages already mapped instead of faulting in N x V fresh ones
 // (what a fresh tensor costs on CPU, where torch does not cache memory: 2048 x 32000 fp32 fwd+bwd, one thread, went
 // from ~210 to ~108 ms a step). Kept only up to cache_bytes (<= 0 frees it and always allocates); *fresh says which
 // happened.
-at::Tensor reusable_rows(int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes, bool* fresh);
+enum class Reuse : int { TokenGrad = 0, SavedLogits = 1 };
+std::vector<int64_t> reuse_counts();  // buffers reused so far, per slot (tests and the benchmark)
+at::Tensor reusable_rows(Reuse slot, int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes,
+                         bool* fresh);
 
 // Throws (from the calling thread) if a non-ignored target lies outside [0, V).
 void check_targets(const int64_t* tgt, int64_t N, int64_t V, int64_t ignore_index);

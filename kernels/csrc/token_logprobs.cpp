@@ -57,11 +57,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(co
 at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_lse,
                               const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                               const at::Tensor& targets_in, const at::Tensor& stats_in, const at::Tensor& entropy_in,
-                              double temperature, int64_t ignore_index, int64_t grad_cache_bytes) {
+                              double temperature, int64_t ignore_index, int64_t reuse_bytes) {
   const at::Tensor logits = rows_view(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1);
   bool fresh = true;
-  at::Tensor grad = reusable_rows(N, V, logits.options(), grad_cache_bytes, &fresh);
+  at::Tensor grad = reusable_rows(Reuse::TokenGrad, N, V, logits.options(), reuse_bytes, &fresh);
   if (N == 0) return grad;
   // A fresh N x V gradient's first touch (page faults + zeroing) is a large part of the backward, hence
   // reusable_rows; where it must be fresh: 4096 x 32000 fp32 took 0.92 s with 4 KiB pages, 0.30 s with 2 MiB ones.
@@ -97,7 +97,7 @@ TORCH_LIBRARY_FRAGMENT(gvu_kernels, m) {
   m.def(
       "token_logprobs_backward(Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor logits,"
       " Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index,"
-      " int grad_cache_bytes=0) -> Tensor");
+      " int reuse_bytes=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gvu_kernels, CPU, m) {

@@ -50,18 +50,18 @@ def test_op_checks_targets_itself():
         cpp_ops.group_advantages_cpp(torch.zeros(6), 4, eps=1e-4, scale="group", unbiased=True)
 
 
-def _holders(t: torch.Tensor) -> int:
-    """References to t's storage besides t and the Python storage object made to ask."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 2
+def _reused() -> list[int]:
+    """[token gradients, saved logits] reused so far by the ops (csrc/rows.h: reusable_rows)."""
+    return list(torch.ops.gvu_kernels.reuse_counts())
 
 
 def test_backward_reuses_its_gradient_buffer_only_once_nothing_holds_it(monkeypatch):
-    """GVU_KERNELS_GRAD_CACHE_MB: a backward writes into the buffer it kept from the last one once that gradient is
-    freed, never while it is alive (a kept .grad keeps its values); it keeps none past the budget or at 0; a bad
-    value names the variable."""
+    """GVU_KERNELS_REUSE_MB: a backward writes into the buffer it kept from the last one once that gradient is freed,
+    never while it is alive (a kept .grad keeps its values), not past the budget or at 0; a bad value names the
+    variable."""
     from kernels.ops import token_logprobs
 
-    monkeypatch.delenv("GVU_KERNELS_GRAD_CACHE_MB", raising=False)
+    monkeypatch.delenv("GVU_KERNELS_REUSE_MB", raising=False)
     base = torch.randn(6, 300)
     t = targets((6,), 300, ignore_every=0)
 
@@ -70,24 +70,62 @@ def test_backward_reuses_its_gradient_buffer_only_once_nothing_holds_it(monkeypa
         (token_logprobs(x, t) * scale).sum().backward()
         return x.grad
 
-    first = grad()
+    def reuses(fn):
+        before = _reused()[0]
+        out = fn()
+        return out, _reused()[0] - before
+
+    first, n = reuses(grad)
     kept = first.clone()
-    assert _holders(first) == 1  # the op keeps a reference to the buffer
-    second = grad(2.0)  # first is alive: a fresh buffer, and first's values stay
-    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    second, n = reuses(lambda: grad(2.0))  # first is alive: a fresh buffer, and first's values stay
+    assert n == 0 and torch.equal(first, kept)
     torch.testing.assert_close(second, 2 * kept)
     ptr = second.data_ptr()
     del first, second
-    third = grad()  # second's buffer, still held by the op (so no fresh tensor could be at that address)
-    assert third.data_ptr() == ptr and _holders(third) == 1
+    third, n = reuses(grad)  # the newest kept buffer: second's
+    assert n == 1 and third.data_ptr() == ptr
     torch.testing.assert_close(third, kept)
-    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", str(6 * 300 * 4 / 2**20 / 2))  # half of one gradient
-    assert _holders(grad()) == 0
-    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", "0")
-    assert _holders(grad()) == 0 and _holders(third) == 0  # 0 also lets the kept buffer go
-    monkeypatch.setenv("GVU_KERNELS_GRAD_CACHE_MB", "abc")
-    with pytest.raises(ValueError, match="GVU_KERNELS_GRAD_CACHE_MB"):
+    del third
+    monkeypatch.setenv("GVU_KERNELS_REUSE_MB", str(6 * 300 * 4 / 2**20 / 2))  # half of one gradient
+    assert reuses(grad)[1] == 0
+    monkeypatch.setenv("GVU_KERNELS_REUSE_MB", "0")
+    assert reuses(grad)[1] == 0 and reuses(grad)[1] == 0
+    monkeypatch.setenv("GVU_KERNELS_REUSE_MB", "abc")
+    with pytest.raises(ValueError, match="GVU_KERNELS_REUSE_MB"):
         grad()
+
+
+def test_saved_logits_reuse_the_last_buffer_and_clear_its_ignored_rows(monkeypatch):
+    """A trainable head's saved logits go into the buffer kept from the last call once nothing holds it; the rows
+    of ignored targets, stale from the last call, are zero again, and the gradients match fresh buffers'."""
+    ops = torch.ops.gvu_kernels
+    h, w = torch.randn(6, 8), torch.randn(500, 8)
+    full, some = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([1, IGN, 3, IGN, 5, 6])
+    saved = lambda t: ops.linear_token_logprobs_saved(h, w, t, None, 1.0, IGN, False, 0, 1 << 20)[3]  # noqa: E731
+    first = saved(full)
+    n0 = _reused()[1]
+    held = saved(full)
+    assert _reused()[1] == n0  # first is alive
+    del first, held
+    again = saved(some)
+    assert _reused()[1] == n0 + 1 and (again[4:] == 0).all()
+    torch.testing.assert_close(again[:4], h[some != IGN] @ w.T, atol=1e-5, rtol=1e-5)
+    del again
+
+    def grads():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, _ = _lin(hh, ww, some)
+        return torch.autograd.grad(lp.sum(), (hh, ww))
+
+    monkeypatch.setenv("GVU_KERNELS_SAVE_LOGITS_MB", "1")
+    monkeypatch.setenv("GVU_KERNELS_REUSE_MB", "1")
+    grads()
+    n1 = _reused()[1]
+    reused = grads()
+    assert _reused()[1] == n1 + 1
+    monkeypatch.setenv("GVU_KERNELS_REUSE_MB", "0")
+    for a, b in zip(reused, grads(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def _max_alloc(fn) -> int:
