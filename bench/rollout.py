@@ -139,20 +139,35 @@ def janus_hf_compiled_generate(adapter, model, prompts, num_samples: int, greedy
 
 
 def outside_share(model, modules, fn) -> float:
-    """1 - (wall time inside `modules`' forwards) / (wall time of fn()), nested calls counted once."""
-    inside, depth, t0 = [0.0], [0], [0.0]
+    """1 - (wall time inside `modules`' forwards) / (wall time of fn()), nested calls counted once.
 
-    def pre(*_):
+    A gvu.rollout.AffineProjection (a head's last Linear that our sampling calls directly, through a packed weight)
+    counts as inside: it is the model's own layer."""
+    from gvu.rollout import AffineProjection
+
+    inside, depth, t0 = [0.0], [0], [0.0]
+    ids = {id(m) for m in modules}
+
+    def counted(m) -> bool:
+        return id(m) in ids or isinstance(m, AffineProjection)
+
+    def pre(m, *_):
+        if not counted(m):
+            return
         if depth[0] == 0:
             t0[0] = time.perf_counter()
         depth[0] += 1
 
-    def post(*_):
+    def post(m, *_):
+        if not counted(m):
+            return
         depth[0] -= 1
         if depth[0] == 0:
             inside[0] += time.perf_counter() - t0[0]
 
-    hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
     try:
         start = time.perf_counter()
         fn()
@@ -165,7 +180,8 @@ def outside_share(model, modules, fn) -> float:
 
 def janus_modules(model) -> list:
     m = model.model
-    return [m.language_model, m.generation_head, m.generation_embeddings, m.generation_aligner]
+    head = m.generation_head  # and its first layers, which our sampling calls without the head's own forward
+    return [m.language_model, head, head.proj_out, head.activation_fn, m.generation_embeddings, m.generation_aligner]
 
 
 def janus_ours_generate(adapter, model, prompts, num_samples: int, greedy: bool, seed: int = 0) -> torch.Tensor:

@@ -23,10 +23,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from gvu.config import SamplingConfig  # the sampling settings live with the other config sections
 
 __all__ = [
+    "AffineProjection",
     "HeadParts",
     "PreallocatedCache",
     "SamplingConfig",
-    "affine_projection",
     "cfg_combine",
     "filter_logits",
     "prompt_groups",
@@ -53,28 +53,31 @@ class HeadParts(NamedTuple):
     project: Callable[[torch.Tensor], torch.Tensor]
 
 
-def affine_projection(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+class AffineProjection(torch.nn.Module):
     """f (rows, F) -> f @ weight.T + bias for a frozen fp32 (K, F) weight, called once per decode step.
 
     On CPU with MKL through its packed GEMM (`torch.ops.mkl._mkl_linear`, what inductor's freezing uses), the weight
-    packed here once per rollout and row count: at a few rows the head's GEMM streams its whole weight each step,
-    out of cache between steps, and the packed weight reads faster (Janus-Pro's 16384 x 256 head at 8 rows, fp32,
-    one thread, in the decode loop: 2.44 vs 3.1-3.5 ms a step). The packed copy takes ~3x the weight's memory.
-    Elsewhere (other devices and dtypes, no MKL) `F.linear` as it is.
+    packed once per rollout and row count: at a few rows the head's GEMM streams its whole weight each step, out of
+    cache between steps, and the packed weight reads faster (Janus-Pro's 16384 x 256 head at 8 rows, fp32, one
+    thread, in the decode loop: 2.44 vs 3.1-3.5 ms a step). The packed copy takes ~3x the weight's memory.
+    Elsewhere (other devices and dtypes, no MKL) `F.linear` as it is. A Module, so that forward hooks (the rollout
+    benchmark's time inside the model) see it as the head's layer it is.
     """
-    mkl = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or mkl is None:
-        return lambda f: torch.nn.functional.linear(f, weight, bias)
-    w, b = weight.detach(), None if bias is None else bias.detach()
-    packed: dict[int, torch.Tensor] = {}
 
-    def project(f: torch.Tensor) -> torch.Tensor:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        mkl = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
+        self.mkl = mkl if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+        self.packed: dict[int, torch.Tensor] = {}
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.mkl is None:
+            return torch.nn.functional.linear(f, self.weight, self.bias)
         m = f.shape[0]
-        if m not in packed:
-            packed[m] = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
-        return mkl(f, packed[m], w, b, m)
-
-    return project
+        if m not in self.packed:
+            self.packed[m] = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, m)
+        return self.mkl(f, self.packed[m], self.weight, self.bias, m)
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

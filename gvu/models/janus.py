@@ -45,7 +45,7 @@ from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
 from gvu.models.wrapping import gathered, saveable, unwrap
-from gvu.rollout import HeadParts, SamplingConfig, affine_projection, cfg_combine, prompt_groups, sample_images
+from gvu.rollout import AffineProjection, HeadParts, SamplingConfig, cfg_combine, prompt_groups, sample_images
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -292,7 +292,7 @@ class JanusUMM:
             return HeadParts(features, vh)
         if any(hasattr(p, "ds_id") for p in vh.parameters()):  # ZeRO-3: its module call gathers the weight
             return HeadParts(features, vh)
-        return HeadParts(features, affine_projection(vh.weight, vh.bias))
+        return HeadParts(features, AffineProjection(vh.weight, vh.bias))
 
     def image_logprobs(
         self, model, prompts: PromptBatch, image_tokens: torch.Tensor, *, temperature=1.0, cfg_scale=1.0

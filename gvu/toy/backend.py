@@ -37,7 +37,7 @@ from gvu.models.base import (
     understanding_rows,
 )
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
-from gvu.rollout import HeadParts, SamplingConfig, affine_projection, cfg_combine, prompt_groups, sample_images
+from gvu.rollout import AffineProjection, HeadParts, SamplingConfig, cfg_combine, prompt_groups, sample_images
 from gvu.toy import world as W
 from gvu.toy.modeling import WORDS, FactorisedCodeRows, build_tokenizer, default_config
 
@@ -266,7 +266,7 @@ class ToyUMM:
                 sampling=sampling,
                 generator=generator,
                 uncond=({"input_ids": u_ids}, u_mask) if sampling.cfg_scale > 1 else None,
-                head=HeadParts(lambda h: h, affine_projection(wc, bc)),  # the head is one Linear: CFG on h
+                head=HeadParts(lambda h: h, AffineProjection(wc, bc)),  # the head is one Linear: CFG on h
             )
 
     def _image_hidden(self, model, prompts: PromptBatch, image_tokens: torch.Tensor, with_uncond: bool):

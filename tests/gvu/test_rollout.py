@@ -178,10 +178,10 @@ def test_a_split_head_hands_the_sampler_the_logits_of_the_whole_head(llama, monk
     common = dict(steps=3, fed_len=2, feed=lambda tok, t: {"input_ids": tok[:, None] + 20}, logits=head)
     uncond = ({"input_ids": torch.ones_like(ids)}, mask) if cfg_scale > 1 else None
     features = lambda h: torch.nn.functional.gelu(first(h))  # noqa: E731
-    wrong = R.affine_projection(last.weight, 2 * last.bias)
+    wrong = R.AffineProjection(last.weight, 2 * last.bias)
     for parts in (
         None,
-        R.HeadParts(features, R.affine_projection(last.weight, last.bias)),
+        R.HeadParts(features, R.AffineProjection(last.weight, last.bias)),
         R.HeadParts(features, wrong),
     ):
         R.sample_images(llama, {"input_ids": ids}, mask, torch.tensor([2, 1]), uncond=uncond, head=parts,
@@ -197,11 +197,11 @@ def test_a_split_head_hands_the_sampler_the_logits_of_the_whole_head(llama, monk
 def test_affine_projection_is_the_linear_at_every_row_count(dtype, bias):
     """The packed-weight projection (MKL on CPU in fp32, F.linear otherwise) == F.linear, for row counts it has and
     has not packed for, after the weight it was made from is left alone."""
-    from gvu.rollout import affine_projection
+    from gvu.rollout import AffineProjection
 
     torch.manual_seed(5)
     w, b = torch.randn(300, 64, dtype=dtype), torch.randn(300, dtype=dtype) if bias else None
-    project = affine_projection(w, b)
+    project = AffineProjection(w, b)
     for m in (1, 8, 8, 3):
         x = torch.randn(m, 64, dtype=dtype)
         out = project(x)
