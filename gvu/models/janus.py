@@ -282,10 +282,11 @@ class JanusUMM:
         )
 
     @staticmethod
-    def _head_parts(head) -> HeadParts | None:
+    def _head_parts(head) -> HeadParts:
         """The generation head (proj_out, GELU, vision_head) split before vision_head, for sampling's CFG on its
-        2048-wide input (Janus-Pro-1B) and, on CPU, a transposed copy of its 16384 x F weight; None where
-        vision_head is not a plain Linear (e.g. adapted by a LoRA: its module is then called as it is)."""
+        input (2048 wide at Janus-Pro-1B) and, on CPU, MKL's packed GEMM for its 16384 x F weight. A vision_head
+        that is not a plain Linear (a LoRA on it: still affine without dropout) or is partitioned by ZeRO-3 is
+        called as its module, which adds its adapter or gathers its weight."""
         features = lambda h: head.activation_fn(head.proj_out(h))  # noqa: E731
         vh = head.vision_head
         if type(vh) is not torch.nn.Linear:

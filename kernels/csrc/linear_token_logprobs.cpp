@@ -64,7 +64,7 @@ FwdOut forward_impl(const at::Tensor& hidden, const at::Tensor& weight, const at
   // The logits chunk: in weight's dtype (as its GEMM writes it), fp32 when the products run in fp32 tiles.
   const bool f32 = fp32_tiles() && weight.scalar_type() != at::kFloat;
   const auto ldt = weight.options().dtype(f32 ? at::kFloat : weight.scalar_type());
-  bool fresh = true;  // saved logits: rows the GEMMs overwrite, so a reused buffer needs no clearing
+  bool fresh = true;  // saved logits: the GEMMs overwrite the kept rows and the ignored ones are zeroed below
   o.logits = save ? reusable_rows(Reuse::SavedLogits, N, V, ldt, reuse_bytes, &fresh) : at::empty({0, V}, ldt);
   if (N == 0) return o;
   check_targets(targets.data_ptr<int64_t>(), N, V, ignore_index);
