@@ -49,7 +49,7 @@ bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)
 // holds its storage any more (autograd has consumed and freed the last one) and it is large enough, so a training
 // loop writes each step's buffer into pages already mapped instead of faulting in N x V fresh ones
 // (what a fresh tensor costs on CPU, where torch does not cache memory: 2048 x 32000 fp32 fwd+bwd, one thread, went
-// from ~210 to ~108 ms a step). Kept only up to cache_bytes (<= 0 frees it and always allocates); *fresh says which
+// from ~210 to ~95 ms a step). Kept only up to cache_bytes (<= 0 frees it and always allocates); *fresh says which
 // happened.
 enum class Reuse : int { TokenGrad = 0, SavedLogits = 1 };
 std::vector<int64_t> reuse_counts();  // buffers reused so far, per slot (tests and the benchmark)
