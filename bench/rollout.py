@@ -361,6 +361,28 @@ def bench_real(args, info: dict) -> list[dict]:
     return rows
 
 
+def profile_real(args) -> None:
+    """--profile: where our rollout's time goes at Janus-Pro's layout, per op and input shape (torch.profiler), for
+    the first --configs entry: sampling (the timed path: CFG on the head's last Linear, its packed GEMM) and greedy
+    (logit-space CFG, the head through F.linear on both branches: what sampling did before HeadParts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    adapter, model, _ = C.load_janus(shapes=args.shapes, device=args.device)
+    B, G = (int(x) for x in (args.configs or "1x8").split(",")[0].lower().split("x"))
+    prompts = adapter.tokenize_prompts([m["prompt"] for m in WP.make_prompt_sets(0)[0]][:B], device=args.device)
+    steps = adapter.image_len
+    for greedy in (False, True):
+        janus_ours_generate(adapter, model, prompts, G, greedy)  # warm
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            janus_ours_generate(adapter, model, prompts, G, greedy)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+        print(f"\n{'greedy' if greedy else 'sampling'} {B}x{G}: {total:.0f} ms of ops, {total / steps:.2f} ms a step; "
+              "the top ops by self time, ms a step:")  # fmt: skip
+        top = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:6]
+        for e in top:
+            print(f"  {e.self_cpu_time_total / 1e3 / steps:6.2f}  {e.key:45s} {str(e.input_shapes)[:70]}")
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one tiny shape (2x2), 1 repeat: the smoke test")
@@ -380,12 +402,18 @@ def run(argv: list[str] | None = None) -> list[dict]:
     # 2-thread run waits at every barrier (16x8 rollout: 0.60 s at 1 thread vs 11.2 s at 2, load ~5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/rollout.csv)")
+    p.add_argument("--profile", action="store_true", help="--shapes real: per-op times of ours, no timing rows")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.configs, args.repeats, args.warmup = "2x2", 1, 0
 
+    if args.profile:
+        if args.shapes == "tiny":
+            p.error("--profile profiles Janus-Pro's layout: add --shapes real (or 1b)")
+        profile_real(args)
+        return []
     info = C.machine_info()
     rows = bench_real(args, info) if args.shapes != "tiny" else []
     for name in () if args.shapes != "tiny" else tuple(MODELS) if args.model == "all" else (args.model,):

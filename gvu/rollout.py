@@ -3,7 +3,7 @@
 A backend knows its sequence layout (how a prefix is embedded, what is fed after a sampled code, which head gives
 the code logits); `sample_images` runs the loop with no waste:
 - each prompt is prefilled once (with its unconditional CFG row) and its cache copied to its G samples once;
-- the KV cache is preallocated for the whole image (`PreallocatedCache`): a step writes its keys in place and the
+- the KV cache is preallocated for the whole image (gvu/kv_cache.py): a step writes its keys in place and the
   attention reads a view, where transformers' DynamicCache copies the whole cache every step (torch.cat);
 - conditional and unconditional rows run in the same forward; per step only the code logits are formed, and
   when sampling with CFG the two branches are combined before the head's last Linear (`HeadParts`), so its
@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 from gvu.config import SamplingConfig  # the sampling settings live with the other config sections
+from gvu.kv_cache import PreallocatedCache
+from gvu.models.wrapping import partitioned
 
 __all__ = [
     "AffineProjection",
@@ -58,8 +59,9 @@ class AffineProjection(torch.nn.Module):
 
     On CPU with MKL through its packed GEMM (`torch.ops.mkl._mkl_linear`, what inductor's freezing uses), the weight
     packed once per rollout and row count: at a few rows the head's GEMM streams its whole weight each step, out of
-    cache between steps, and the packed weight reads faster (Janus-Pro's 16384 x 256 head at 8 rows, fp32, one
-    thread, in the decode loop: 2.44 vs 3.1-3.5 ms a step). The packed copy takes ~3x the weight's memory.
+    cache between steps, and the packed weight reads faster (Janus-Pro's 16384 x 256 head, fp32, one thread, in the
+    decode loop, `python bench/rollout.py --shapes real --profile`: 1.1-1.7 ms a step packed at 8 rows, 2.2 ms for
+    F.linear at the 16 rows greedy decoding runs). The packed copy takes ~3x the weight's memory.
     Elsewhere (other devices and dtypes, no MKL) `F.linear` as it is. A Module, so that forward hooks (the rollout
     benchmark's time inside the model) see it as the head's layer it is.
     """
@@ -116,68 +118,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     idx = torch.searchsorted(cdf, u * total, right=True)  # the first token whose CDF exceeds the draw
     last = torch.searchsorted(cdf, total)  # the first token whose CDF reaches the total: the last one with mass
     return torch.minimum(idx, last).squeeze(-1)
-
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in buffers (rows, kv_heads, capacity, head_dim) allocated at the prefill; `update`
-    writes a step's keys in place and returns views of the filled part (what attention reads)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-        self.write_at: torch.Tensor | None = None  # static mode: where a step writes (device int64 (k,))
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        n, h, _, d = key_states.shape
-        # zeros, not empty: the fixed-shape step reads the whole buffer, and a masked score is still q.k (+ -inf),
-        # which uninitialised memory can make NaN
-        self.k_buf = key_states.new_zeros((n, h, self.capacity, d))
-        self.v_buf = value_states.new_zeros((n, h, self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.write_at is not None:  # static mode: fixed shapes and no host-side offsets, as a CUDA graph replays
-            self.k_buf.index_copy_(2, self.write_at, key_states)
-            self.v_buf.index_copy_(2, self.write_at, value_states)
-            return self.k_buf, self.v_buf
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"PreallocatedCache: {end} tokens exceed the capacity {self.capacity}")
-        self.k_buf[:, :, self.length : end] = key_states
-        self.v_buf[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (n',) of the cache, repeating as the index does: one copy of the filled part."""
-        if not self.is_initialized:
-            return
-        self.k_buf, self.v_buf = self.k_buf[index], self.v_buf[index]
-        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
-
-
-class PreallocatedCache(Cache):
-    """A transformers Cache of `num_layers` PreallocatedLayer of `capacity` tokens (prefix + every fed token)."""
-
-    def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
-
-    def select_rows(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(index)
-
-    def make_static(self, write_at: torch.Tensor) -> None:
-        """From now on every layer writes a step's k tokens at positions `write_at` (int64 (k,), updated in place
-        by the caller) and returns its whole buffers; the attention mask must then hide the unwritten positions."""
-        for layer in self.layers:
-            layer.write_at = write_at
 
 
 def prompt_groups(num_prompts: int, num_samples: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -303,7 +243,7 @@ def _graph_safe(body: torch.nn.Module, attn: str) -> bool:
     if attn not in ("sdpa", "eager"):  # flash-attn's padding path unpads with a host sync; it takes no 4D mask
         log_once(f"rollout: no CUDA graph with attn_implementation={attn} (it needs sdpa or eager); decoding eagerly")
         return False
-    if any(hasattr(p, "ds_id") for p in body.parameters()):  # ZeRO-3 gathers parameters per forward
+    if partitioned(body.parameters()):  # ZeRO-3 gathers parameters per forward
         log_once("rollout: no CUDA graph under ZeRO-3 (parameters are gathered per forward); decoding eagerly")
         return False
     return True

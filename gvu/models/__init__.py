@@ -19,6 +19,7 @@ from gvu.models.wrapping import (
     backbone_and_head,
     gathered,
     load_policy_updates,
+    partitioned,
     policy_updates,
     save_policy_updates,
     saveable,
@@ -27,7 +28,7 @@ from gvu.models.wrapping import (
 
 __all__ = [
     "Ability", "PromptBatch", "UMMBackend", "UnderstandingInputs", "contract_problems", "require",
-    "POLICY_UPDATES_FILE", "adapter_disabled", "attn_implementation", "backbone_and_head", "gathered",
+    "POLICY_UPDATES_FILE", "adapter_disabled", "attn_implementation", "backbone_and_head", "gathered", "partitioned",
     "load_policy_updates", "policy_updates", "save_policy_updates", "saveable", "unwrap",
     "register_backend", "backend_names", "backend_class", "load_umm",
 ]  # fmt: skip

@@ -44,7 +44,7 @@ from gvu.models.base import (
 from gvu.models.hub import local_checkpoint
 from gvu.models.janus_pixels import IMAGE_PROCESSING, JanusPixels
 from gvu.models.rows import RowPlanner, read_config, shape_of_llama
-from gvu.models.wrapping import gathered, saveable, unwrap
+from gvu.models.wrapping import gathered, partitioned, saveable, unwrap
 from gvu.rollout import AffineProjection, HeadParts, SamplingConfig, cfg_combine, prompt_groups, sample_images
 
 INSTRUCTION = "Describe the image in detail."  # the official GvU reward's user text
@@ -289,9 +289,7 @@ class JanusUMM:
         called as its module, which adds its adapter or gathers its weight."""
         features = lambda h: head.activation_fn(head.proj_out(h))  # noqa: E731
         vh = head.vision_head
-        if type(vh) is not torch.nn.Linear:
-            return HeadParts(features, vh)
-        if any(hasattr(p, "ds_id") for p in vh.parameters()):  # ZeRO-3: its module call gathers the weight
+        if type(vh) is not torch.nn.Linear or partitioned(vh.parameters()):
             return HeadParts(features, vh)
         return HeadParts(features, AffineProjection(vh.weight, vh.bias))
 

@@ -34,10 +34,15 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+def partitioned(params) -> bool:
+    """Whether any of `params` is partitioned by ZeRO-3 (DeepSpeed marks such a parameter with `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
 @contextlib.contextmanager
 def gathered(*params: torch.Tensor):
     """Full parameters for reading outside their module's forward (needed under ZeRO-3; a no-op otherwise)."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if partitioned(params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):

@@ -48,11 +48,11 @@ bool huge_pages_enabled();  // GVU_KERNELS_THP=1 in the environment (read once)
 // trainable head's saved logits: one `slot` each). From one buffer per slot kept between calls when nothing else
 // holds its storage any more (autograd has consumed and freed the last one) and it is large enough, so a training
 // loop writes each step's buffer into pages already mapped instead of faulting in N x V fresh ones
-// (what a fresh tensor costs on CPU, where torch does not cache memory: 2048 x 32000 fp32 fwd+bwd, one thread, went
-// from ~210 to ~95 ms a step). Kept only up to cache_bytes (<= 0 frees it and always allocates); *fresh says which
-// happened.
+// (what a fresh tensor costs on CPU, where torch does not cache memory: 2048 x 32000 fwd+bwd, one thread, 164.8 ->
+// 81.0 ms fp32, 116.9 -> 76.7 ms bf16, GVU_KERNELS_REUSE_MB=0 vs default, bench/README.md). Kept only up to
+// cache_bytes (<= 0 frees it and always allocates); *fresh says which happened.
 enum class Reuse : int { TokenGrad = 0, SavedLogits = 1 };
-std::vector<int64_t> reuse_counts();  // buffers reused so far, per slot (tests and the benchmark)
+std::vector<int64_t> reuse_counts();  // buffers reused so far, per slot (for tests)
 at::Tensor reusable_rows(Reuse slot, int64_t N, int64_t V, const at::TensorOptions& opts, int64_t cache_bytes,
                          bool* fresh);
 

@@ -82,3 +82,9 @@ def test_step_bench_quick(tmp_path):
     assert float(got["total"]["seconds"]) > 0
     assert abs(sum(float(got[k]["share"]) for k in got if k != "total") - 1) < 1e-6
     assert float(got["reward"]["baseline_seconds"]) > 0
+
+
+def test_rollout_profile_asks_for_the_real_layout():
+    """--profile measures Janus-Pro's layout only: without --shapes it is a usage error naming the flag to add."""
+    with pytest.raises(SystemExit):
+        load_bench("rollout").run(["--profile"])

@@ -195,8 +195,8 @@ def test_a_split_head_hands_the_sampler_the_logits_of_the_whole_head(llama, monk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_affine_projection_is_the_linear_at_every_row_count(dtype, bias):
-    """The packed-weight projection (MKL on CPU in fp32, F.linear otherwise) == F.linear, for row counts it has and
-    has not packed for, after the weight it was made from is left alone."""
+    """The packed-weight projection (MKL on CPU in fp32, F.linear otherwise) == F.linear at each row count, the
+    first call at a count packing its weight and a repeated count reusing that packing."""
     from gvu.rollout import AffineProjection
 
     torch.manual_seed(5)
