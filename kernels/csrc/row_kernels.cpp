@@ -8,6 +8,7 @@
 #include "row_kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -69,7 +70,7 @@ GVU_INLINE float exp_neg(float x) {
 // gives exp = 0 below the floor for free (was: compare and blend). k from vrndscaleps. 13 vector ops per 16
 // logits with the load and the sum, against 15 in exp_neg's loop. Same polynomial, same floor, NaN stays NaN
 // (NaN fails the floor compare, so its lane is not zeroed and p is NaN). Called once per L1 block (or span), so
-// the call costs nothing; chosen at run time when the CPU has x86-64-v4 (kAvx512Loops).
+// the call costs nothing; chosen at run time when the CPU has x86-64-v4 (g_avx512_loops).
 // GCC 12 warns that its own _mm512_undefined_ps inside the masked intrinsics is used uninitialised: it is not.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -149,11 +150,16 @@ GVU_V4 void grad_v4(const float* x, float* g, int64_t n, float inv_t, float m, f
   }
 }
 
-const bool kAvx512Loops = [] {
+bool cpu_has_v4() {
   __builtin_cpu_init();
-  const char* off = std::getenv("GVU_KERNELS_NO_V4_LOOPS");  // A/B runs of the benchmark
-  return __builtin_cpu_supports("x86-64-v4") != 0 && !(off && off[0] == '1');
-}();
+  return __builtin_cpu_supports("x86-64-v4") != 0;
+}
+// Read by the loops once per block; set at load (GVU_KERNELS_NO_V4_LOOPS=1: off) and by set_avx512_loops, which
+// tests and A/B benchmarks call between ops (not while one runs).
+std::atomic<bool> g_avx512_loops{[] {
+  const char* off = std::getenv("GVU_KERNELS_NO_V4_LOOPS");
+  return cpu_has_v4() && !(off && off[0] == '1');
+}()};
 #pragma GCC diagnostic pop
 #endif
 
@@ -248,7 +254,7 @@ GVU_INLINE SpanStats stats_body(Ld ld, int64_t n, float inv_t) {
     const float m = st.m;
     float s = 0.0f, t = 0.0f;
 #ifdef GVU_AVX512_LOOPS
-    if (kAvx512Loops) {
+    if (g_avx512_loops.load(std::memory_order_relaxed)) {
       exp_sums_v4(x, len, inv_t, m, WantT, &s, &t);
     } else
 #endif
@@ -273,7 +279,7 @@ GVU_INLINE SpanStats stats_body(Ld ld, int64_t n, float inv_t) {
 GVU_INLINE void grad_span(const float* x, float* g, int64_t n, float inv_t, float m, float log_s, float c0, float c1,
                           float h) {
 #ifdef GVU_AVX512_LOOPS
-  if (kAvx512Loops) return grad_v4(x, g, n, inv_t, m, log_s, c0, c1, h);
+  if (g_avx512_loops.load(std::memory_order_relaxed)) return grad_v4(x, g, n, inv_t, m, log_s, c0, c1, h);
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -406,10 +412,26 @@ void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, floa
   return grad_f16_f16(x, out, n, inv_t, m, log_s, c0, c1, h);
 }
 
+bool avx512_loops() {
+#ifdef GVU_AVX512_LOOPS
+  return g_avx512_loops.load();
+#else
+  return false;
+#endif
+}
+
+bool set_avx512_loops(bool on) {
+  const bool was = avx512_loops();
+#ifdef GVU_AVX512_LOOPS
+  g_avx512_loops.store(on && cpu_has_v4());
+#endif
+  return was;
+}
+
 const char* simd_level() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return kAvx512Loops ? "avx512" : "avx512-plain";
+  if (__builtin_cpu_supports("x86-64-v4")) return avx512_loops() ? "avx512" : "avx512-plain";
   if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
 #endif
   return "baseline";

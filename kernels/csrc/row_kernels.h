@@ -35,6 +35,11 @@ void span_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, floa
 // the token's numbers k = {m, log_s, c0, c1, h}, five arrays of n floats. No one-hot term.
 void col_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float inv_t, const float* const* k);
 
+// Whether the exp loops run the AVX-512 intrinsic bodies (x86-64-v4 CPUs; GVU_KERNELS_NO_V4_LOOPS=1 turns them off
+// at load). set_avx512_loops switches them between ops (on only where the CPU has them) and returns the old value.
+bool avx512_loops();
+bool set_avx512_loops(bool on);
+
 // Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline").
 const char* simd_level();
 

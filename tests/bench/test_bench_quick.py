@@ -70,3 +70,21 @@ def test_gpu_check_dry_run(tmp_path):
         assert (r["ms"] and r["err"]) or r["note"].startswith("skipped:"), r  # a failed check fails here
     assert any(r["impl"] == "liger_flce" and r["note"].startswith("skipped:") for r in rows)
     assert list(tmp_path.glob("triton_resources.csv")) and list(tmp_path.glob("gpu_check_*.log"))
+
+
+@needs_cpp
+def test_row_loops_bench_small(tmp_path):
+    # bench/row_loops.py at a tiny shape: both arms run and their ratio lands in the CSV (AVX-512 CPUs only: the
+    # script refuses elsewhere with the reason, which is checked too).
+    out = tmp_path / "row_loops.csv"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "row_loops.py"), "--n", "64", "--v", "1000", "--repeats", "2",
+           "--csv", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    from kernels import cpp_ops
+
+    if cpp_ops.simd_level() not in ("avx512", "avx512-plain"):
+        assert p.returncode != 0 and "no AVX-512 intrinsic loops" in p.stderr
+        return
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = out.read_text().splitlines()
+    assert len(rows) == 5 and "plain_over_intrinsic" in rows[0]

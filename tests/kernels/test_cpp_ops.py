@@ -419,48 +419,48 @@ def test_fp32_tiles_path_matches_the_reference(budget_mb):
 
 # ------------------------------------------ the AVX-512 intrinsic exp loops (csrc/row_kernels.cpp) vs plain loops
 
-_ROW_CASE = """
-import sys, torch
-from kernels import cpp_ops
-torch.manual_seed(0)
-out = {"simd": cpp_ops.simd_level()}
-for dt in (torch.float32, torch.bfloat16, torch.float16):
-    for v in (1, 15, 17, 33, 2047, 2049, 4100):
-        x = (torch.randn(5, v, dtype=torch.float64) * 6).to(dt)
-        x[1, ::3] = float("-inf")  # exp 0, no NaN
-        x[2, : v // 2] = -200.0  # below the floor once the max is subtracted
-        x[3, v // 2] = float("nan")  # NaN stays NaN
-        x[4] = 0.0
-        t = torch.randint(0, v, (5,))
-        xr = x.clone().requires_grad_()
-        logp, _, ent, _ = torch.ops.gvu_kernels.token_logprobs(xr, t, 0.7, -100, True)
-        (g,) = torch.autograd.grad((logp * 0.3).sum() + (ent * 0.2).sum(), xr)
-        out[(str(dt), v)] = (logp.detach(), ent.detach(), g.float())
-torch.save(out, sys.argv[1])
-"""
+
+def _row_results() -> dict:
+    """token_logprobs (logp, entropy, grad) on rows with tails of every length mod 16 / 32, -inf, values below the
+    exp floor once the max is subtracted, and NaN, for each dtype and row length."""
+    torch.manual_seed(0)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for v in (1, 15, 17, 33, 2047, 2049, 4100):
+            x = (torch.randn(5, v, dtype=torch.float64) * 6).to(dt)
+            x[1, ::3] = float("-inf")
+            x[2, : v // 2] = -200.0
+            x[3, v // 2] = float("nan")
+            x[4] = 0.0
+            xr = x.clone().requires_grad_()
+            logp, _, ent, _ = torch.ops.gvu_kernels.token_logprobs(xr, torch.randint(0, v, (5,)), 0.7, IGN, True)
+            (g,) = torch.autograd.grad((logp * 0.3).sum() + (ent * 0.2).sum(), xr)
+            out[(str(dt), v)] = (logp.detach(), ent.detach(), g.float())
+    return out
 
 
-@pytest.mark.skipif(cpp_ops.simd_level() != "avx512", reason="the intrinsic loops run on x86-64-v4 CPUs only")
-def test_avx512_exp_loops_match_the_plain_loops(tmp_path):
-    # Both loops on this CPU (GVU_KERNELS_NO_V4_LOOPS=1 is read once per process, so each in a fresh one), on rows
-    # with tails of every length mod 16 / 32, -inf, values below the exp floor and NaN: the same results to fp32
-    # rounding, the same NaN positions, and exact zeros where p underflows.
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = {}
-    for name, flag in (("v4", "0"), ("plain", "1")):
-        env = dict(os.environ, GVU_KERNELS_NO_V4_LOOPS=flag,
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
-        f = tmp_path / f"{name}.pt"
-        subprocess.run([sys.executable, "-c", _ROW_CASE, str(f)], env=env, check=True, cwd=root, timeout=300)
-        res[name] = torch.load(f)
-    assert res["v4"].pop("simd") == "avx512" and res["plain"].pop("simd") == "avx512-plain"
-    for key, (lp, ent, g) in res["v4"].items():
-        lp0, ent0, g0 = res["plain"][key]
-        for a, b in ((lp, lp0), (ent, ent0), (g, g0)):
+@pytest.mark.skipif(cpp_ops.simd_level() not in ("avx512", "avx512-plain"), reason="x86-64-v4 CPUs only")
+def test_avx512_exp_loops_match_the_plain_loops():
+    # Both loops on this CPU, switched between calls: the same results to fp32 rounding, the same NaN positions,
+    # and exact zeros where p underflows (-inf and below-floor logits).
+    was = torch.ops.gvu_kernels.set_avx512_loops(True)
+    try:
+        assert cpp_ops.simd_level() == "avx512"
+        fast = _row_results()
+        assert torch.ops.gvu_kernels.set_avx512_loops(False) and cpp_ops.simd_level() == "avx512-plain"
+        plain = _row_results()
+    finally:
+        torch.ops.gvu_kernels.set_avx512_loops(was)
+    for key, (lp, ent, g) in fast.items():
+        for a, b in zip((lp, ent, g), plain[key], strict=True):
             assert torch.equal(a.isnan(), b.isnan()), key
             torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5, equal_nan=True, msg=str(key))
-        assert torch.equal(g == 0, g0 == 0), key  # -inf and below-floor logits: exactly 0 in both
+        assert torch.equal(g == 0, plain[key][2] == 0), key
+
+
+def test_avx512_loops_switch_only_where_the_cpu_has_them():
+    was = torch.ops.gvu_kernels.set_avx512_loops(True)
+    try:
+        assert cpp_ops.simd_level() in ("avx512", "avx2", "baseline")  # on: never "avx512-plain"
+    finally:
+        torch.ops.gvu_kernels.set_avx512_loops(was)
