@@ -4,7 +4,9 @@
 // internal to libtorch; in an extension at::vec only gives the ISA the TU is compiled for, i.e. SSE2 without
 // -march flags. Here each leaf is cloned for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline, and the ifunc
 // resolver picks one from CPUID at load time. exp is our own Cephes-style polynomial (rel. error ~1e-7) so
-// the loops vectorise without -ffast-math; the reductions use `omp simd reduction` for the same reason.
+// the loops vectorise without -ffast-math; the reductions use `omp simd reduction` for the same reason. On
+// x86-64-v4 CPUs the two exp loops (a block's sums, a span's gradient) run AVX-512 intrinsic bodies instead, for
+// two instructions GCC does not emit from plain loops (exp_sums_v4 / grad_v4 below).
 #include "row_kernels.h"
 
 #include <algorithm>
@@ -17,10 +19,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define GVU_AVX512_LOOPS 1
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GVU_AVX512_LOOPS 1  // the intrinsic exp loops below, compiled for x86-64-v4 and picked at run time
 #define GVU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GVU_CLONES

@@ -40,7 +40,8 @@ void col_grad(const void* x, DType dt, void* out, DType out_dt, int64_t n, float
 bool avx512_loops();
 bool set_avx512_loops(bool on);
 
-// Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline").
+// Which clone the loader picked, for the benchmark's machine info ("avx512", "avx2" or "baseline"; "avx512-plain"
+// while the intrinsic loops are off).
 const char* simd_level();
 
 }  // namespace gvu
