@@ -456,11 +456,3 @@ def test_avx512_exp_loops_match_the_plain_loops():
             assert torch.equal(a.isnan(), b.isnan()), key
             torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5, equal_nan=True, msg=str(key))
         assert torch.equal(g == 0, plain[key][2] == 0), key
-
-
-def test_avx512_loops_switch_only_where_the_cpu_has_them():
-    was = torch.ops.gvu_kernels.set_avx512_loops(True)
-    try:
-        assert cpp_ops.simd_level() in ("avx512", "avx2", "baseline")  # on: never "avx512-plain"
-    finally:
-        torch.ops.gvu_kernels.set_avx512_loops(was)
