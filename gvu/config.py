@@ -69,9 +69,10 @@ class LoraSettings:
     dropout: float = opt(0.0, "LoRA dropout")
     target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Linear layer names to adapt (a backend may narrow them to its language model)")  # fmt: skip
-    scope: str = opt("all", "all: one adapter for both directions (the paper; joint RL needs it); generation: the "
-        "adapter runs only in generation passes, so the reward and every understanding pass are the base's",
-        ("all", "generation"))  # fmt: skip
+    scope: str = opt("all", "all: one adapter for both directions (the paper); generation: the adapter runs only "
+        "in generation passes, so the reward and every understanding pass are the base's; split (joint RL): a "
+        "second adapter runs in every understanding pass (the reward included), trained by the joint task only",
+        ("all", "generation", "split"))  # fmt: skip
     image_head: str = opt("none", "factorised: also train an update of the head's image-code rows as shape + colour "
         "+ size rows (toy, ZeRO-2)", ("none", "factorised"))  # fmt: skip
 

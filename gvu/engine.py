@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gvu.config import Config, ConfigError, resolve_path
-from gvu.models import Ability, backbone_and_head
+from gvu.models import Ability, add_understanding_adapter, backbone_and_head
 
 
 def init_distributed() -> tuple[int, int]:
@@ -106,6 +106,8 @@ def build_policy(cfg: Config, backend, model):
             f"lora.target_modules={names} adapts the output head, whose weight the log-prob kernels read directly, "
             "so the adapter would be silently ignored; adapt the decoder's layers only"
         )
+    if cfg.lora.scope == "split":  # the understanding's own adapter, same shape (gvu.models.understanding_passes)
+        add_understanding_adapter(model, lcfg)
     if cfg.lora.image_head == "factorised":
         backend.add_image_head_update(model)
     return model

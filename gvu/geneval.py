@@ -32,10 +32,11 @@ def is_done(folder: Path, samples: int) -> bool:
     )
 
 
-def load_model(cfg, adapter_path: str | None, device: torch.device):
+def load_model(cfg, adapter_path: str | None, device: torch.device, part: str = "generation"):
     """(backend, model in eval mode on `device`), with a trained adapter (LoRA merged, and the image-head update
-    when the run trained one) when given."""
-    from gvu.models import POLICY_UPDATES_FILE, Ability, load_policy_updates, load_umm, require
+    when the run trained one) when given. A lora.scope=split folder holds two adapters: `part` generation merges
+    the generation one (and the image-head update), understanding the understanding one (its subfolder) alone."""
+    from gvu.models import POLICY_UPDATES_FILE, UNDERSTANDING_ADAPTER, Ability, load_policy_updates, load_umm, require
 
     backend, model = load_umm(cfg.model)
     if adapter_path:
@@ -44,6 +45,12 @@ def load_model(cfg, adapter_path: str | None, device: torch.device):
         folder = Path(adapter_path)
         if not (folder / "adapter_config.json").exists():
             raise ConfigError(f"--adapter {adapter_path}: no adapter_config.json (pass a run's adapter/ folder)")
+        if part == "understanding":
+            if not (folder / UNDERSTANDING_ADAPTER / "adapter_config.json").exists():
+                raise ConfigError(f"--adapter {adapter_path} has no {UNDERSTANDING_ADAPTER}/ adapter: only a "
+                                  "lora.scope=split run trains one; merge its generation part instead")  # fmt: skip
+            return backend, PeftModel.from_pretrained(model, str(folder / UNDERSTANDING_ADAPTER)).merge_and_unload(
+            ).to(device).eval()  # fmt: skip
         model = PeftModel.from_pretrained(model, adapter_path)
         if (folder / POLICY_UPDATES_FILE).exists():  # the run also trained the image head (lora.image_head)
             missing = require(backend, Ability.IMAGE_HEAD_UPDATE)

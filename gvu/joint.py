@@ -1,4 +1,5 @@
-"""Joint RL (CoRL-style): the understanding task of a training step, beside generation, on the same adapter.
+"""Joint RL (CoRL-style): the understanding task of a training step, beside generation, on the same adapter
+(lora.scope: all) or on the understanding's own adapter (split: gvu.models.understanding_passes).
 
 With `joint.enabled`, each step on each rank (Q = joint.questions_per_step / ranks questions, G = joint.group_size):
     questions   gvu/toy/questions.py: Q multiple-choice questions about images (rendered scenes of train prompts,
@@ -28,7 +29,7 @@ import torch
 
 import kernels
 from gvu.grpo import grpo_loss
-from gvu.models import adapter_disabled
+from gvu.models import adapter_disabled, understanding_passes
 
 
 def choice_scores(backend, model, images, questions) -> torch.Tensor:
@@ -81,7 +82,8 @@ class Rollout:
         qs = np.array_split(np.arange(Q), parts)[part]
         if not len(qs):
             return None
-        scores = choice_scores(backend, model, self.images[qs], [self.questions[i] for i in qs])
+        with understanding_passes(model, cfg.lora.scope):
+            scores = choice_scores(backend, model, self.images[qs], [self.questions[i] for i in qs])
         logp = policy_logprobs(scores, cfg.joint.temperature).gather(1, self.chosen[qs].to(scores.device))
         logp = logp.reshape(-1, 1)  # (len(qs) * G, 1): an answer is a one-token sequence
         rows = torch.as_tensor((qs[:, None] * G + np.arange(G)).reshape(-1))
@@ -128,7 +130,8 @@ class UnderstandingTask:
             return Rollout(qimages, [], torch.zeros((0, G), dtype=torch.long), torch.zeros(0), None, torch.zeros(0),
                            self.metrics(questions, torch.zeros(0, 1), torch.zeros((0, 1), dtype=torch.bool),
                                         torch.zeros(0), G))  # fmt: skip
-        logp = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
+        with understanding_passes(model, cfg.lora.scope):
+            logp = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
         chosen = draw_answers(logp, G, gen)
         truth = truth_table(questions, logp.shape[1])
         rewards = truth.gather(1, chosen).float().reshape(-1)

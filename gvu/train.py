@@ -40,7 +40,7 @@ from gvu.data import PromptSampler, load_prompt_sets
 from gvu.evaluate import evaluator_for, format_table, write_samples
 from gvu.grpo import grpo_loss
 from gvu.metrics import MetricsWriter, PhaseTimer, atomic_write_text, plot_curves, progress
-from gvu.models import adapter_disabled
+from gvu.models import adapter_disabled, understanding_passes
 
 DEFAULT_CONFIG = "configs/toy.yaml"
 
@@ -107,9 +107,11 @@ def train_step(engine, backend, metas: list[dict], cfg: Config, step: int, rank:
 
 
 def reward_teacher(model, cfg: Config):
-    """Who scores the images: the frozen base (reference teacher, or the adapter is generation-only) or the policy."""
-    frozen = cfg.grpo.reward_teacher == "reference" or cfg.lora.scope == "generation"
-    return adapter_disabled(model) if frozen else nullcontext()
+    """Who scores the images: the frozen base (reference teacher) or the policy's understanding (lora.scope: the
+    one adapter, the base under generation, the understanding adapter under split)."""
+    if cfg.grpo.reward_teacher == "reference":
+        return adapter_disabled(model)
+    return understanding_passes(model, cfg.lora.scope)
 
 
 def score_images(backend, model, prompts, image_tokens, cfg: Config) -> torch.Tensor:

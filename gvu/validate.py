@@ -6,7 +6,7 @@
 
 It covers what needs more than one field: the backend (registered, its checkpoint folder, the abilities that
 options need, a model.memory_budget_gb too small for one row), grpo.rewards (their form and weights, registered
-names, what each needs of the backend and of the prompts' metadata), joint RL (the toy backend, lora.scope=all,
+names, what each needs of the backend and of the prompts' metadata), joint RL (the toy backend, lora.scope all or split,
 prompts with questions), the DeepSpeed JSON and its ZeRO stage, the per-rank batch arithmetic, the prompt files
 (every line), the tags, and every prompt's words against a backend with a closed vocabulary. Field-level checks
 (ranges, choices) already ran when the config was loaded (gvu.config.load_config).
@@ -152,15 +152,22 @@ def metadata_problems(cfg: Config, train: list[dict]) -> list[str]:
 
 
 def joint_problems(cfg: Config, train: list[dict]) -> list[str]:
-    """Joint RL needs exact answers (the toy world), the adapter in the understanding pass, and prompts to ask about."""
+    """Joint RL needs exact answers (the toy world), the adapter in the understanding pass, and prompts to ask about;
+    lora.scope=split needs joint RL (nothing else trains its understanding adapter)."""
     if not cfg.joint.enabled:
+        if cfg.lora.scope == "split":
+            return [
+                "lora.scope=split adds an understanding adapter that only joint RL trains, but joint.enabled=false: "
+                "it would stay zero and every understanding pass would be the base's, as lora.scope=generation does "
+                "without the second adapter; set joint.enabled=true or lora.scope=generation"
+            ]
         return []
     out = []
-    if cfg.lora.scope != "all":
+    if cfg.lora.scope == "generation":
         out.append(
             f"joint.enabled trains the understanding through the adapter, but lora.scope={cfg.lora.scope} runs every "
             "understanding pass with the adapter off, so the understanding loss would reach no weight: set "
-            "lora.scope=all"
+            "lora.scope=all (one adapter) or lora.scope=split (an adapter per direction)"
         )
     if cfg.model.backend != "toy":
         return out + [

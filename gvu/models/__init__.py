@@ -14,7 +14,9 @@ import importlib
 from gvu.models.base import Ability, PromptBatch, UMMBackend, UnderstandingInputs, contract_problems, require
 from gvu.models.wrapping import (
     POLICY_UPDATES_FILE,
+    UNDERSTANDING_ADAPTER,
     adapter_disabled,
+    add_understanding_adapter,
     attn_implementation,
     backbone_and_head,
     gathered,
@@ -23,13 +25,15 @@ from gvu.models.wrapping import (
     policy_updates,
     save_policy_updates,
     saveable,
+    understanding_passes,
     unwrap,
 )
 
 __all__ = [
     "Ability", "PromptBatch", "UMMBackend", "UnderstandingInputs", "contract_problems", "require",
-    "POLICY_UPDATES_FILE", "adapter_disabled", "attn_implementation", "backbone_and_head", "gathered", "partitioned",
-    "load_policy_updates", "policy_updates", "save_policy_updates", "saveable", "unwrap",
+    "POLICY_UPDATES_FILE", "UNDERSTANDING_ADAPTER", "add_understanding_adapter", "adapter_disabled",
+    "attn_implementation", "backbone_and_head", "gathered", "partitioned", "load_policy_updates", "policy_updates",
+    "save_policy_updates", "saveable", "understanding_passes", "unwrap",
     "register_backend", "backend_names", "backend_class", "load_umm",
 ]  # fmt: skip
 

@@ -1,5 +1,6 @@
 """How the trainer wraps a backend's model: DeepSpeed engine > peft model > transformers model, with ZeRO-3
-gathers, the adapter switched off for the reference, and trained updates outside peft's LoRA ("policy updates")."""
+gathers, the adapter switched off for the reference, the understanding's own adapter (`lora.scope: split`), and
+trained updates outside peft's LoRA ("policy updates")."""
 
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ def adapter_disabled(model: nn.Module):
     m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
     if hasattr(m, "disable_adapter"):
         updates = list(policy_updates(m).values())
+        # peft re-enables its layers with set_adapter(active), which freezes every other adapter: keep lora.scope=
+        # split's understanding adapter trainable (the optimizer holds it)
+        trainable = [p for p in m.parameters() if p.requires_grad]
         for u in updates:
             u.enabled = False
         try:
@@ -126,8 +130,59 @@ def adapter_disabled(model: nn.Module):
         finally:
             for u in updates:
                 u.enabled = True
+            for p in trainable:
+                p.requires_grad_(True)
     else:
         raise TypeError(f"{type(m).__name__} has no LoRA adapter to disable: the reference needs a peft model")
+
+
+UNDERSTANDING_ADAPTER = "understanding"  # lora.scope=split: the second adapter's peft name (and its subfolder)
+
+
+def add_understanding_adapter(model: nn.Module, lora_config) -> None:
+    """lora.scope=split: a second LoRA adapter of the same shape on the peft `model`, trainable beside the first.
+
+    peft's add_adapter leaves a new adapter frozen (only the active one trains); both must be trainable when the
+    optimizer is built, because one backward carries the generation loss into the first and the understanding
+    loss into the second. Saved by save_pretrained into the adapter folder's `understanding/` subfolder."""
+    model.add_adapter(UNDERSTANDING_ADAPTER, lora_config)
+    for name, p in model.named_parameters():
+        if f".{UNDERSTANDING_ADAPTER}." in name:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def understanding_passes(model: nn.Module, scope: str):
+    """The weights the understanding's passes (reward, joint RL's answers, captions) run under lora.scope:
+    all: the one adapter (no change); generation: the adapter off (adapter_disabled); split: the understanding
+    adapter instead of the generation one, policy updates (generation-only) off.
+
+    split switches each LoRA layer's active adapter directly: peft's set_adapter would also set requires_grad on
+    the adapters' weights, and the optimizer (and ZeRO's hooks) hold both adapters' weights for the whole run."""
+    if scope == "generation":
+        with adapter_disabled(model):
+            yield
+        return
+    m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    if scope != "split" or UNDERSTANDING_ADAPTER not in getattr(m, "peft_config", {}):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [x for x in m.modules() if isinstance(x, BaseTunerLayer)]
+    before = [x._active_adapter for x in layers]
+    updates = list(policy_updates(m).values())
+    for x in layers:
+        x._active_adapter = UNDERSTANDING_ADAPTER
+    for u in updates:
+        u.enabled = False
+    try:
+        yield
+    finally:
+        for x, a in zip(layers, before, strict=True):
+            x._active_adapter = a
+        for u in updates:
+            u.enabled = True
 
 
 def attn_implementation(requested: str) -> str:

@@ -18,14 +18,13 @@ ShapesEvaluator wires them into the trainer (gvu.evaluate.Evaluator), sharded ov
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from gvu.config import SamplingConfig
 from gvu.evaluate import gather_per_prompt, generation_summary, per_prompt_scores
-from gvu.models import adapter_disabled
+from gvu.models import understanding_passes
 from gvu.rewards import intrinsic_reward, qa
 from gvu.toy import prompts as WP
 from gvu.toy import world as W
@@ -208,15 +207,16 @@ def merge_understanding(parts: list[dict]) -> dict:
 
 class ShapesEvaluator:
     """The shapes world's exact evaluator on held-out prompts, and the understanding checks (caption accuracy,
-    true-vs-perturbed ranking). Understanding runs with the adapter off under lora.scope=generation."""
+    true-vs-perturbed ranking). Understanding runs as lora.scope says (gvu.models.understanding_passes: the adapter
+    off under generation, the understanding adapter under split)."""
 
     name = "shapes"
 
     def evaluate(self, backend, model, metas, cfg, rank, world) -> dict:
         shard, seed = metas[rank::world], cfg.train.seed * 7919 + rank
 
-        def understanding():  # the understanding's passes: adapter off under lora.scope=generation
-            return adapter_disabled(model) if cfg.lora.scope == "generation" else nullcontext()
+        def understanding():  # the understanding's passes under lora.scope
+            return understanding_passes(model, cfg.lora.scope)
 
         gen = generation_scores(
             backend, model, shard, cfg.train.eval_samples, cfg.sampling, seed=seed, bar=rank == 0,

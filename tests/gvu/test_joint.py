@@ -131,6 +131,50 @@ def test_understanding_loss_reaches_the_language_models_lora_and_splits_exactly(
     assert lora and all(g is not None and g.abs().sum() > 0 for g in lora.values()), "a LoRA weight got no gradient"
 
 
+def test_split_scope_trains_each_adapter_by_its_own_task_only(train_metas, tmp_path):
+    """lora.scope=split: the understanding's passes run the second adapter (and the first is back after them), the
+    understanding loss reaches only that adapter and the generation loss only the first, and both are saved."""
+    from gvu import engine as E
+    from gvu import train
+    from gvu.checkpoint import save_adapter
+    from gvu.models import UNDERSTANDING_ADAPTER, understanding_passes
+
+    backend, base = ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    cfg = load_config(None, ["--lora.scope=split", "--joint.enabled=true", "--joint.questions_per_step=8",
+                             "--joint.group_size=4", "--joint.beta=0.1"])  # fmt: skip
+    model = E.build_policy(cfg, backend, base).eval()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    und = {n for n in lora if f".{UNDERSTANDING_ADAPTER}." in n}
+    assert und and len(und) * 2 == len(lora) and all(p.requires_grad for p in lora.values())
+    for n, p in lora.items():  # LoRA B starts at 0: move both adapters so that they differ from the base
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    task, ro = _rollout(cfg, train_metas, backend, model)
+    q = ro.questions[:4]
+    with torch.no_grad():
+        plain = J.choice_scores(backend, model, ro.images[:4], q)
+        with understanding_passes(model, "split"):
+            inside = J.choice_scores(backend, model, ro.images[:4], q)
+        assert not torch.allclose(plain, inside), "the understanding adapter did not run"
+        torch.testing.assert_close(J.choice_scores(backend, model, ro.images[:4], q), plain)  # switched back
+        with understanding_passes(model, "all"):
+            torch.testing.assert_close(J.choice_scores(backend, model, ro.images[:4], q), plain)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n for n, p in lora.items() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    assert grads(ro.loss(backend, model, 0, 1, 0, cfg)[0]) == und
+    prompts = backend.tokenize_prompts([train_metas[0]["prompt"]])
+    tokens = backend.generate(model, prompts, 2, cfg.sampling, generator=torch.Generator().manual_seed(0))
+    gen_loss = train.score_images(backend, model, prompts, tokens, cfg).sum()
+    assert grads(gen_loss) == set(lora) - und
+    save_adapter(model, tmp_path / "adapter", 1, True)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapter" / UNDERSTANDING_ADAPTER / "adapter_model.safetensors").exists()
+
+
 def problems(overrides) -> list[str]:
     with pytest.raises(ConfigError) as e:
         validate.load_checked("configs/toy.yaml", overrides, world=2)
@@ -149,6 +193,9 @@ def test_config_refuses_generation_scope_other_backends_and_bad_fields_at_once()
     assert "joint.questions_per_step=5 must be divisible by the ranks (2)" in got
     validate.load_checked("configs/toy.yaml", ["--joint.enabled=true", "--lora.scope=all"], world=2)
     validate.load_checked("configs/toy.yaml", ["--joint.questions_per_step=5"], world=2)  # off: no joint checks
+    got = "\n".join(problems(["--lora.scope=split"]))
+    assert "lora.scope=split adds an understanding adapter that only joint RL trains" in got
+    validate.load_checked("configs/toy.yaml", ["--joint.enabled=true", "--lora.scope=split"], world=2)
 
 
 def _steps(ckpt, tmp_path, extra, steps=2):
@@ -181,9 +228,10 @@ def test_joint_steps_are_deterministic_and_off_ignores_the_joint_fields(ckpt, tm
     assert off[1]["loss"] != a[1]["loss"] or off[1]["reward/mean"] != a[1]["reward/mean"], "joint RL changed nothing"
 
 
-def test_trainer_logs_both_tasks(ckpt, tmp_path):
+@pytest.mark.parametrize("scope", ["all", "split"])
+def test_trainer_logs_both_tasks(ckpt, tmp_path, scope):
     out = tmp_path / "run"
-    args = small_run(ckpt, out, 2, "--lora.scope=all", "--joint.enabled=true", "--joint.questions_per_step=6",
+    args = small_run(ckpt, out, 2, f"--lora.scope={scope}", "--joint.enabled=true", "--joint.questions_per_step=6",
                      "--joint.group_size=4", "--train.threads=1")  # fmt: skip
     proc = run_trainer(args, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -194,6 +242,12 @@ def test_trainer_logs_both_tasks(ckpt, tmp_path):
     asked = sum(m[2][f"und/{k}/asked"] for k in ("count", "color", "size", "shape", "position"))
     assert asked == m[2]["und/questions"] == 6
     assert all(f"und/{k}/accuracy" in m[2] for k in ("count", "color", "size", "shape", "position"))
+    if scope == "split":  # through DeepSpeed's optimizer both adapters moved off their zero B
+        from safetensors.torch import load_file
+
+        for folder in (out / "adapter", out / "adapter" / "understanding"):
+            b = [v for k, v in load_file(folder / "adapter_model.safetensors").items() if "lora_B" in k]
+            assert b and all(v.abs().sum() > 0 for v in b), folder
 
 
 def test_resuming_a_run_saved_before_the_joint_section_sees_no_change(tmp_path):
