@@ -180,10 +180,14 @@ class JointConfig:
     temperature: float = opt(1.0, "softmax temperature of the answer policy over a question's choices")
     beta: float = opt(0.0, "k3 KL weight of the answers to the adapter-disabled reference; 0 skips that pass")
     kinds: list[str] = opt(list(QUESTION_KINDS), f"question kinds asked, each drawn equally often: {QUESTION_KINDS}")
+    captions_per_step: int = opt(0, "scenes per step over all ranks that the understanding also captions in free "
+        "text (group_size sampled captions each, reward 1 when the caption, parsed, holds for the scene: what "
+        "caption accuracy reads), GRPO on the caption tokens; 0: none")  # fmt: skip
 
     def problems(self) -> list[str]:
         return failing(
             (f"joint.questions_per_step must be >= 1, got {self.questions_per_step}", self.questions_per_step < 1),
+            (f"joint.captions_per_step must be >= 0, got {self.captions_per_step}", self.captions_per_step < 0),
             (f"joint.group_size must be >= 2 (a group of 1 has no relative advantage), got {self.group_size}",
              self.group_size < 2),
             ("joint.temperature must be > 0; joint.beta, joint.weight and joint.gen_weight >= 0",

@@ -16,6 +16,15 @@ With `joint.enabled`, each step on each rank (Q = joint.questions_per_step / ran
                 gen_weight * L_gen_i + weight * L_und_i * (Q_i * n_micro / Q), so DeepSpeed's mean over the
                 micro-batches of one optimizer step is gen_weight * L_gen + weight * L_und (one backward per
                 micro-batch, one engine.step at the boundary, as without joint RL)
+With joint.captions_per_step = N > 0, the same step also has a free-text task (N / ranks scenes, G captions each):
+    captions    backend.caption(greedy=False): G captions per fresh scene of a train prompt, sampled at temperature 1
+                over the words and <eos> (the understanding's own decoding), no grad
+    rewards     1.0 when the caption, parsed, holds for its scene (gvu/toy/questions.caption_holds: what caption
+                accuracy reads), else 0.0
+    loss        gvu.grpo.grpo_loss on the caption's tokens and its <eos> (backend.prompt_logprobs, with_eos), the
+                understanding's log-probs over the whole vocabulary (the sampler saw the words only: the mass off
+                them is the old and new policy's alike), k3 KL with joint.beta; added to the questions' loss
+    An empty caption (<eos> first) has no token to score: it counts 0 in its group and adds no loss term.
 Exact answers exist only in the toy world: the configuration check refuses joint RL on other backends.
 """
 
@@ -29,7 +38,7 @@ import torch
 
 import kernels
 from gvu.grpo import grpo_loss
-from gvu.models import adapter_disabled, understanding_passes
+from gvu.models import adapter_disabled, understanding_passes, unwrap
 
 
 def choice_scores(backend, model, images, questions) -> torch.Tensor:
@@ -64,6 +73,37 @@ def truth_table(questions, C: int) -> torch.Tensor:
 
 
 @dataclass
+class CaptionRollout:
+    """This rank's captioning rollout of one step (S scenes, G captions each, row s*G + g; K rows kept: non-empty)."""
+
+    images: np.ndarray  # uint8 (K, H, W, 3): kept row k's scene
+    prompts: object  # PromptBatch of the K kept captions
+    advantages: torch.Tensor  # fp32 (K,)
+    ref_logp: torch.Tensor | None  # fp32 (K, Lp + 1), joint.beta > 0
+    old_logp: torch.Tensor  # fp32 (K, Lp + 1): update 0's log-probs
+
+    def loss(self, backend, model, part: int, parts: int, update: int, cfg) -> tuple[torch.Tensor, dict] | None:
+        """Micro-batch `part` of `parts`: its captions' GRPO loss with grad, scaled so that the mean over the parts
+        is the loss of all K captions -> (loss, {und/caption/kl}); None without captions in that part."""
+        K = len(self.advantages)
+        ks = np.array_split(np.arange(K), parts)[part]
+        if not len(ks):
+            return None
+        with understanding_passes(model, cfg.lora.scope):
+            logp, mask = backend.prompt_logprobs(model, self.images[ks], self.prompts[ks.tolist()], with_eos=True)
+        rows = torch.as_tensor(ks)
+        if update == 0:
+            self.old_logp[rows] = logp.detach().cpu()
+        dev = logp.device
+        ref = None if self.ref_logp is None else self.ref_logp[rows].to(dev)
+        loss, m = grpo_loss(
+            logp, self.old_logp[rows].to(dev), self.advantages[rows].to(dev), mask, ref_logp=ref,
+            beta=cfg.joint.beta, eps_low=cfg.grpo.eps_low, eps_high=cfg.grpo.eps_high,
+        )  # fmt: skip
+        return loss * (len(ks) * parts / K), {"und/caption/kl": m["kl"].item()}
+
+
+@dataclass
 class Rollout:
     """This rank's understanding rollout of one step (Q questions, G answers each, row q*G + g)."""
 
@@ -74,10 +114,23 @@ class Rollout:
     ref_logp: torch.Tensor | None  # fp32 (Q*G,), joint.beta > 0
     old_logp: torch.Tensor  # fp32 (Q*G,): update 0's log pi(chosen), the old policy of later updates
     metrics: dict = field(default_factory=dict)
+    captions: CaptionRollout | None = None  # joint.captions_per_step > 0
 
     def loss(self, backend, model, part: int, parts: int, update: int, cfg) -> tuple[torch.Tensor, dict] | None:
+        """Micro-batch `part` of `parts`: the questions' loss (+ the captions' loss) of that part -> (loss, metrics);
+        None when the part has neither."""
+        terms = [self.question_loss(backend, model, part, parts, update, cfg)]
+        if self.captions is not None:
+            terms.append(self.captions.loss(backend, model, part, parts, update, cfg))
+        terms = [t for t in terms if t is not None]
+        if not terms:
+            return None
+        return sum(t[0] for t in terms), {k: v for t in terms for k, v in t[1].items()}
+
+    def question_loss(self, backend, model, part: int, parts: int, update: int, cfg):
         """Micro-batch `part` of `parts`: its questions' GRPO loss with grad, scaled so that the mean over the parts
-        is the loss of all Q questions (module docstring) -> (loss, {und/kl, und/clip_frac}); None without questions."""
+        is the loss of all Q questions (module docstring) -> (loss, {und/kl, und/clip_frac}); None without questions
+        in that part."""
         Q, G = len(self.questions), self.chosen.shape[1]
         qs = np.array_split(np.arange(Q), parts)[part]
         if not len(qs):
@@ -107,6 +160,7 @@ class UnderstandingTask:
         self.source = ToyQuestions(train_metas, cfg.joint.kinds)
         self.kinds = list(cfg.joint.kinds)
         self.n = cfg.joint.questions_per_step // world
+        self.n_captions = cfg.joint.captions_per_step // world
 
     def questions(self, metas, images, cfg, rng: random.Random):
         """This step's questions and their images (uint8 (Q, H, W, 3)) under joint.source."""
@@ -126,10 +180,11 @@ class UnderstandingTask:
         questions, qimages = self.questions(metas, images, cfg, rng)
         gen = torch.Generator().manual_seed(rng.getrandbits(63))
         Q, G = len(questions), j.group_size
+        captions, cap_metrics = self.caption_rollout(backend, model, cfg, rng, gen) if self.n_captions else (None, {})
         if not Q:
             return Rollout(qimages, [], torch.zeros((0, G), dtype=torch.long), torch.zeros(0), None, torch.zeros(0),
                            self.metrics(questions, torch.zeros(0, 1), torch.zeros((0, 1), dtype=torch.bool),
-                                        torch.zeros(0), G))  # fmt: skip
+                                        torch.zeros(0), G) | cap_metrics, captions)  # fmt: skip
         with understanding_passes(model, cfg.lora.scope):
             logp = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
         chosen = draw_answers(logp, G, gen)
@@ -142,7 +197,33 @@ class UnderstandingTask:
                 ref_all = policy_logprobs(choice_scores(backend, model, qimages, questions), j.temperature).cpu()
             ref = ref_all.gather(1, chosen).reshape(-1)
         return Rollout(qimages, questions, chosen, adv, ref, torch.zeros(Q * G), self.metrics(questions, logp, truth,
-                       rewards, G))  # fmt: skip
+                       rewards, G) | cap_metrics, captions)  # fmt: skip
+
+    def caption_rollout(self, backend, model, cfg, rng: random.Random, gen: torch.Generator):
+        """G sampled captions of each of this rank's fresh scenes, judged exactly -> (CaptionRollout, metrics
+        und/caption/{reward, empty})."""
+        from gvu.toy.questions import caption_holds
+        from gvu.toy.world import render
+
+        j, g, G = cfg.joint, cfg.grpo, cfg.joint.group_size
+        scenes = np.repeat(self.source.caption_scenes(self.n_captions, rng), G, axis=0)  # (S*G, 36): row s*G + g
+        pixels = render(scenes)
+        with understanding_passes(model, cfg.lora.scope):
+            texts = backend.caption(model, pixels, greedy=False, generator=gen)
+        rewards = torch.tensor([float(caption_holds(t, c)) for t, c in zip(texts, scenes, strict=True)])
+        adv = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
+        kept = np.array([i for i, t in enumerate(texts) if t.split()], dtype=np.int64)
+        metrics = {"und/caption/reward": rewards.mean().item(), "und/caption/empty": 1 - len(kept) / len(texts)}
+        if not len(kept):
+            return None, metrics
+        images = pixels[kept]
+        prompts = backend.tokenize_prompts([texts[i] for i in kept], device=next(unwrap(model).parameters()).device)
+        ref = None
+        if j.beta > 0:
+            with adapter_disabled(model):
+                ref = backend.prompt_logprobs(model, images, prompts, with_eos=True)[0].cpu()
+        width = prompts.ids.shape[1] + 1  # the caption's words and its <eos>
+        return CaptionRollout(images, prompts, adv[torch.as_tensor(kept)], ref, torch.zeros(len(kept), width)), metrics
 
     def metrics(self, questions, logp, truth, rewards, G) -> dict[str, float]:
         """und/{reward/mean, reward/group_std, accuracy (the most likely choice holds), p_true (pi's mass on true

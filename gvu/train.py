@@ -167,8 +167,8 @@ def update_policy(engine, backend, prompts, image_tokens, advantages, ref_logp, 
                 if u is not None:
                     total = cfg.joint.gen_weight * loss + cfg.joint.weight * u[0]
                     acc["und/loss"] += u[0].item() / k
-                    acc["und/kl"] += u[1]["und/kl"] / k
-                    acc["und/clip_frac"] += u[1]["und/clip_frac"] / k
+                    for key, v in u[1].items():  # und/kl, und/clip_frac (questions), und/caption/kl (captions)
+                        acc[key] = acc.get(key, 0.0) + v / k
                 acc["joint/loss"] += total.detach().item() / k
             with timer("backward"):
                 engine.backward(total)

@@ -98,6 +98,8 @@ def engine_problems(cfg: Config, world: int) -> list[str]:
     g = cfg.grpo
     if cfg.joint.enabled and cfg.joint.questions_per_step % world:
         out.append(f"joint.questions_per_step={cfg.joint.questions_per_step} must be divisible by the ranks ({world})")
+    if cfg.joint.enabled and cfg.joint.captions_per_step % world:
+        out.append(f"joint.captions_per_step={cfg.joint.captions_per_step} must be divisible by the ranks ({world})")
     if g.prompts_per_step % world:
         out.append(f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the number of ranks ({world})")
     else:

@@ -11,6 +11,9 @@ the image and the exact evaluator decides it: truth[c] = the scene satisfies cho
 A rendered scene (world.sample_scene: exactly the prompt's objects, the relation alone) satisfies exactly one
 choice, the prompt's own. A generated image is judged for what it shows, not for its prompt: it may satisfy
 several choices (any of them is right) or none (no right answer among the choices: not asked).
+
+The free-text task beside the questions (joint.captions_per_step): the understanding captions fresh scenes of train
+prompts (caption_scenes), and a caption is right when it holds for its scene (caption_holds).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class ToyQuestions:
     shape facts in the prompts), then a prompt with such a fact."""
 
     def __init__(self, train_metas: list[dict], kinds=KINDS):
+        self.metas = train_metas
         self.kinds = tuple(k for k in KINDS if k in kinds)
         self.by_kind = {k: [] for k in self.kinds}
         for m in train_metas:  # the facts' kinds from the slots alone: building every choice would take seconds
@@ -111,6 +115,11 @@ class ToyQuestions:
             scenes.append(scene)
         return out, W.render(np.stack(scenes)) if scenes else np.zeros((0, 96, 96, 3), np.uint8)
 
+    def caption_scenes(self, n: int, rng: random.Random) -> np.ndarray:
+        """Codes int64 (n, 36) of fresh scenes of train prompts drawn uniformly, for the captioning task."""
+        scenes = [W.sample_scene(rng.choice(self.metas), rng) for _ in range(n)]
+        return np.stack(scenes) if scenes else np.zeros((0, W.IMAGE_LEN), np.int64)
+
     def generated(self, metas: list[dict], images: np.ndarray, n: int, rng: random.Random) -> list[Question]:
         """Up to n questions about the rollout's images (row i shows metas[i]'s prompt; image = the row), truth read
         from the pixels; only questions with a right answer among their choices."""
@@ -127,3 +136,10 @@ class ToyQuestions:
             kind = rng.choice([k for k in self.kinds if pool[k]])
             out.append(pool[kind].pop(rng.randrange(len(pool[kind]))))
         return out
+
+
+def caption_holds(caption: str, codes: np.ndarray) -> bool:
+    """A caption, parsed by the prompt grammar, holds for the scene `codes` int (36,): caption accuracy's rule
+    (gvu/toy/evaluator.py); an unparseable caption does not."""
+    parsed = WP.parse_prompt(caption)
+    return parsed is not None and bool(W.evaluate(parsed, codes))

@@ -175,6 +175,46 @@ def test_split_scope_trains_each_adapter_by_its_own_task_only(train_metas, tmp_p
     assert (tmp_path / "adapter" / UNDERSTANDING_ADAPTER / "adapter_model.safetensors").exists()
 
 
+def test_caption_task_rewards_the_captions_that_hold_and_its_loss_splits_exactly(train_metas):
+    """joint.captions_per_step: G sampled captions per fresh scene, reward = caption_holds (the evaluator's caption
+    accuracy rule), group advantages, and a caption loss that micro-batches average to the whole and that reaches
+    the LoRA; off, no caption pass runs and the question rollout is unchanged."""
+    from gvu import engine as E
+    from gvu.toy.questions import caption_holds
+
+    backend, base = ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    over = ["--lora.scope=all", "--joint.enabled=true", "--joint.questions_per_step=4", "--joint.group_size=4",
+            "--joint.beta=0.1"]  # fmt: skip
+    cfg = load_config(None, [*over, "--joint.captions_per_step=3"])
+    model = E.build_policy(cfg, backend, base).eval()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    _, ro = _rollout(cfg, train_metas, backend, model)
+    cap = ro.captions
+    kept = 12 * (1 - ro.metrics["und/caption/empty"])
+    assert cap is not None and cap.ref_logp is not None and len(cap.advantages) == pytest.approx(kept)
+    texts = cap.prompts.texts
+    scenes = W.read_image(cap.images)
+    assert all(t.split() for t in texts)
+    holds = [caption_holds(t, c) for t, c in zip(texts, scenes, strict=True)]
+    assert caption_holds("a photo of nothing at all", scenes[0]) is False  # unparseable: not right
+    assert ro.metrics["und/caption/reward"] == pytest.approx(sum(holds) / 12)  # an empty caption holds nothing
+    whole, m = cap.loss(backend, model, 0, 1, 0, cfg)
+    parts = [cap.loss(backend, model, i, 3, 0, cfg)[0] for i in range(3)]
+    torch.testing.assert_close(sum(parts) / 3, whole)
+    assert "und/caption/kl" in m
+    model.zero_grad(set_to_none=True)
+    whole.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    both, _ = ro.loss(backend, model, 0, 1, 0, cfg)
+    torch.testing.assert_close(both, ro.question_loss(backend, model, 0, 1, 0, cfg)[0] + whole)
+
+    off = load_config(None, over)
+    _, plain = _rollout(off, train_metas, backend, model)
+    assert plain.captions is None and not any(k.startswith("und/caption") for k in plain.metrics)
+
+
 def problems(overrides) -> list[str]:
     with pytest.raises(ConfigError) as e:
         validate.load_checked("configs/toy.yaml", overrides, world=2)
