@@ -19,8 +19,8 @@ With `joint.enabled`, each step on each rank (Q = joint.questions_per_step / ran
 With joint.captions_per_step = N > 0, the same step also has a free-text task (N / ranks scenes, G captions each):
     captions    backend.caption(greedy=False): G captions per fresh scene of a train prompt, sampled at temperature 1
                 over the words and <eos> (the understanding's own decoding), no grad
-    rewards     1.0 when the caption, parsed, holds for its scene (gvu/toy/questions.caption_holds: what caption
-                accuracy reads), else 0.0
+    rewards     0 unless the caption, parsed, holds for its scene (questions.caption_holds: what caption accuracy
+                reads), then (1 + stated) / (1 + facts) of the scene's colours and relation (questions.caption_reward)
     loss        gvu.grpo.grpo_loss on the caption's tokens and its <eos> (backend.prompt_logprobs, with_eos), the
                 understanding's log-probs over the whole vocabulary (the sampler saw the words only: the mass off
                 them is the old and new policy's alike), k3 KL with joint.beta; added to the questions' loss
@@ -202,15 +202,16 @@ class UnderstandingTask:
     def caption_rollout(self, backend, model, cfg, rng: random.Random, gen: torch.Generator):
         """G sampled captions of each of this rank's fresh scenes, judged exactly -> (CaptionRollout, metrics
         und/caption/{reward, empty})."""
-        from gvu.toy.questions import caption_holds
+        from gvu.toy.questions import caption_reward
         from gvu.toy.world import render
 
         j, g, G = cfg.joint, cfg.grpo, cfg.joint.group_size
-        scenes = np.repeat(self.source.caption_scenes(self.n_captions, rng), G, axis=0)  # (S*G, 36): row s*G + g
+        metas, scenes = self.source.caption_scenes(self.n_captions, rng)
+        metas, scenes = [m for m in metas for _ in range(G)], np.repeat(scenes, G, axis=0)  # row s*G + g
         pixels = render(scenes)
         with understanding_passes(model, cfg.lora.scope):
             texts = backend.caption(model, pixels, greedy=False, generator=gen)
-        rewards = torch.tensor([float(caption_holds(t, c)) for t, c in zip(texts, scenes, strict=True)])
+        rewards = torch.tensor([caption_reward(t, c, m) for t, c, m in zip(texts, scenes, metas, strict=True)])
         adv = kernels.group_advantages(rewards, G, eps=g.adv_eps, scale=g.scale_rewards)
         kept = np.array([i for i, t in enumerate(texts) if t.split()], dtype=np.int64)
         metrics = {"und/caption/reward": rewards.mean().item(), "und/caption/empty": 1 - len(kept) / len(texts)}

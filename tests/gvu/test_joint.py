@@ -175,10 +175,28 @@ def test_split_scope_trains_each_adapter_by_its_own_task_only(train_metas, tmp_p
     assert (tmp_path / "adapter" / UNDERSTANDING_ADAPTER / "adapter_model.safetensors").exists()
 
 
+def test_caption_reward_is_zero_unless_true_then_the_share_of_the_scene_it_states():
+    from gvu.toy.questions import caption_reward
+
+    meta = WP.parse_prompt("a photo of a pink star below a black cross")
+    scene = W.sample_scene(meta, random.Random(0))
+    assert caption_reward("a photo of a pink star below a black cross", scene, meta) == 1.0
+    assert caption_reward("a photo of a star below a black cross", scene, meta) == pytest.approx(3 / 4)
+    assert caption_reward("a photo of a pink star and a black cross", scene, meta) == pytest.approx(3 / 4)
+    assert caption_reward("a photo of a star and a cross", scene, meta) == pytest.approx(1 / 4)
+    assert caption_reward("a photo of a star above a cross", scene, meta) == 0.0  # false
+    assert caption_reward("a photo of a red star and a black cross", scene, meta) == 0.0  # false colour
+    assert caption_reward("a photo of star star of", scene, meta) == 0.0  # unparseable
+    two = WP.parse_prompt("a photo of two red circles")
+    scene = W.sample_scene(two, random.Random(0))
+    assert caption_reward("a photo of two red circles", scene, two) == 1.0
+    assert caption_reward("a photo of two circles", scene, two) == pytest.approx(1 / 3)
+
+
 def test_caption_task_rewards_the_captions_that_hold_and_its_loss_splits_exactly(train_metas):
-    """joint.captions_per_step: G sampled captions per fresh scene, reward = caption_holds (the evaluator's caption
-    accuracy rule), group advantages, and a caption loss that micro-batches average to the whole and that reaches
-    the LoRA; off, no caption pass runs and the question rollout is unchanged."""
+    """joint.captions_per_step: G sampled captions per fresh scene, reward = caption_reward (0 unless it holds, as
+    caption accuracy reads), group advantages, and a caption loss that micro-batches average to the whole and that
+    reaches the LoRA; off, no caption pass runs and the question rollout is unchanged."""
     from gvu import engine as E
     from gvu.toy.questions import caption_holds
 
@@ -198,8 +216,9 @@ def test_caption_task_rewards_the_captions_that_hold_and_its_loss_splits_exactly
     scenes = W.read_image(cap.images)
     assert all(t.split() for t in texts)
     holds = [caption_holds(t, c) for t, c in zip(texts, scenes, strict=True)]
-    assert caption_holds("a photo of nothing at all", scenes[0]) is False  # unparseable: not right
-    assert ro.metrics["und/caption/reward"] == pytest.approx(sum(holds) / 12)  # an empty caption holds nothing
+    assert ro.metrics["und/caption/reward"] <= sum(holds) / 12 + 1e-6  # <= 1 per true caption, 0 otherwise
+    if len(texts) == 12:  # no empty caption: the kept rows are whole groups, each of zero mean advantage
+        assert torch.allclose(cap.advantages.view(3, 4).sum(1), torch.zeros(3), atol=1e-5)
     whole, m = cap.loss(backend, model, 0, 1, 0, cfg)
     parts = [cap.loss(backend, model, i, 3, 0, cfg)[0] for i in range(3)]
     torch.testing.assert_close(sum(parts) / 3, whole)
