@@ -28,6 +28,7 @@ from gvu.models import understanding_passes
 from gvu.rewards import intrinsic_reward, qa
 from gvu.toy import prompts as WP
 from gvu.toy import world as W
+from gvu.toy.questions import caption_facts
 
 
 def _exact_scores(chunk: list[dict], images: np.ndarray, prompts) -> list[float]:
@@ -139,7 +140,9 @@ def format_imbalance(result: dict) -> str:
 def understanding_scores(backend, model, metas: list[dict], seed: int = 0, batch_size: int = 128) -> dict:
     """Caption accuracy and true-vs-perturbed reward ranking on scenes sampled consistent with `metas`.
 
-    -> {caption_acc, ranking: {kind: acc}, ranking_n: {kind: n}, n_scenes, examples: a few (prompt, caption)}.
+    -> {caption_acc, caption_exact, ranking: {kind: acc}, ranking_n: {kind: n}, n_scenes, examples: a few (prompt,
+    caption)}. caption_exact: the caption holds AND states every colour and the relation of its scene
+    (gvu/toy/questions.caption_facts), since a captioner can raise caption_acc by saying less.
     Ties in the ranking count one half. Position perturbations use the opposite relation (always false);
     scenes hold only the stated relation (sample_scene's `unambiguous`).
     """
@@ -151,10 +154,12 @@ def understanding_scores(backend, model, metas: list[dict], seed: int = 0, batch
     captions = []
     for i in range(0, len(metas), batch_size):
         captions += backend.caption(model, pixels[i : i + batch_size])
-    ok = []
-    for cap, sc in zip(captions, scenes, strict=True):
+    ok, exact = [], []
+    for cap, sc, m in zip(captions, scenes, metas, strict=True):
         parsed = WP.parse_prompt(cap)
         ok.append(parsed is not None and W.evaluate(parsed, sc))
+        stated, facts = caption_facts(cap, m)  # a caption can hold by saying less: count the ones that say it all
+        exact.append(ok[-1] and stated == facts)
 
     ranking, ranking_n = {}, {}
     for kind in W.PERTURB_KINDS:
@@ -181,6 +186,7 @@ def understanding_scores(backend, model, metas: list[dict], seed: int = 0, batch
         model.train()
     return {
         "caption_acc": float(np.mean(ok)),
+        "caption_exact": float(np.mean(exact)),
         "ranking": ranking,
         "ranking_n": ranking_n,
         "n_scenes": len(metas),
@@ -198,6 +204,7 @@ def merge_understanding(parts: list[dict]) -> dict:
         ranking[k] = sum(p["ranking"].get(k, 0) * p["ranking_n"].get(k, 0) for p in parts) / max(ranking_n[k], 1)
     return {
         "caption_acc": sum(p["caption_acc"] * p["n_scenes"] for p in parts) / max(n, 1),
+        "caption_exact": sum(p["caption_exact"] * p["n_scenes"] for p in parts) / max(n, 1),
         "ranking": ranking,
         "ranking_n": ranking_n,
         "n_scenes": n,
@@ -241,7 +248,9 @@ class ShapesEvaluator:
         rank = ", ".join(f"{k} {v:.2f}" for k, v in u["ranking"].items())
         line = (
             f"[{label}] generation overall {g['overall']:.3f} +- {g['stderr']:.3f} ({g['n']} images) | "
-            f"understanding: caption acc {u['caption_acc']:.3f}, true-vs-perturbed ranking: {rank}"
+            f"understanding: caption acc {u['caption_acc']:.3f}"
+            + (f" (exact {u['caption_exact']:.3f})" if "caption_exact" in u else "")
+            + f", true-vs-perturbed ranking: {rank}"
         )
         if "imbalance" not in result:  # a result saved before the imbalance was measured
             return line

@@ -12,6 +12,7 @@ from gvu.toy import prompts as WP
 from gvu.toy import world as W
 from gvu.toy.backend import ToyUMM
 from gvu.toy.evaluator import generation_scores, understanding_scores
+from gvu.toy.questions import caption_facts
 
 
 class OracleAdapter:
@@ -79,6 +80,9 @@ def test_understanding_scores_oracle(metas):
     adapter.truth = {W.sample_scene(m, rng).tobytes(): m["prompt"] for m in metas}
     u = understanding_scores(adapter, Stub(), metas, seed=0, batch_size=50)
     assert u["caption_acc"] == 1.0
+    # its captions are the prompts, which name a colour and a relation only where their tags do
+    named = [caption_facts(m["prompt"], m) for m in metas]
+    assert u["caption_exact"] == pytest.approx(np.mean([s == f for s, f in named])) and 0 < u["caption_exact"] < 1
     assert set(u["ranking"]) == set(W.PERTURB_KINDS)
     assert all(v == 1.0 for v in u["ranking"].values())
     assert u["ranking_n"]["shape"] == len(metas) and u["ranking_n"]["position"] < len(metas)
@@ -88,6 +92,7 @@ def test_understanding_scores_toy_model_runs(metas):
     adapter, model = ToyUMM.new_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     u = understanding_scores(adapter, model, metas[:20], seed=0)
     assert 0 <= u["caption_acc"] <= 1 and all(0 <= v <= 1 for v in u["ranking"].values())
+    assert 0 <= u["caption_exact"] <= u["caption_acc"]
     g = generation_scores(adapter, model, metas[:6], samples_per_prompt=2, seed=0)
     assert 0 <= g["overall"] <= 1
 
