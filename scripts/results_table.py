@@ -1,7 +1,7 @@
 """One table over run records (folders holding a run's results.json): generation before -> after with the paired,
 prompt-clustered z, chosen tags, caption accuracy, caption exact (true and stating every colour and relation of
-its scene; "-" in records made before it was measured) and the understanding's true-vs-perturbed ranking per word
-type.
+its scene; a column only when a record has it, "-" in records made before it was measured) and the understanding's
+true-vs-perturbed ranking per word type.
 
     python scripts/results_table.py docs/results/toy-default-rollout-loop docs/results/toy-joint-position ...
     python scripts/results_table.py --tags position,position_count,position_size <folders>
@@ -33,7 +33,7 @@ def paired_gain(before: dict, after: dict) -> tuple[float, float]:
     return delta, se
 
 
-def row(label: str, res: dict, tags: list[str]) -> list[str]:
+def row(label: str, res: dict, tags: list[str], exact: bool) -> list[str]:
     b, a = res["before"], res["after"]
     gb, ga = b["generation"], a["generation"]
     delta, se = paired_gain(gb, ga)
@@ -42,8 +42,9 @@ def row(label: str, res: dict, tags: list[str]) -> list[str]:
              f"{delta / gb['overall']:+.0%} ({delta / se:.1f})" if se else f"{delta:+.3f}"]  # fmt: skip
     cells += [f"{gb['per_tag'].get(t, float('nan')):.2f} -> {ga['per_tag'].get(t, float('nan')):.2f}" for t in tags]
     cells.append(f"{ub['caption_acc']:.2f} -> {ua['caption_acc']:.2f}")
-    exact = "caption_exact" in ub and "caption_exact" in ua  # records before it was measured have none
-    cells.append(f"{ub['caption_exact']:.2f} -> {ua['caption_exact']:.2f}" if exact else "-")
+    if exact:  # records made before it was measured have none
+        has = "caption_exact" in ub and "caption_exact" in ua
+        cells.append(f"{ub['caption_exact']:.2f} -> {ua['caption_exact']:.2f}" if has else "-")
     for w in WORDS:
         rb, ra = ub["ranking"].get(w), ua["ranking"].get(w)
         cells.append("-" if rb is None or ra is None else f"{rb:.2f} -> {ra:.2f}")
@@ -51,13 +52,15 @@ def row(label: str, res: dict, tags: list[str]) -> list[str]:
 
 
 def table(folders: list[str], tags: list[str]) -> str:
-    head = ["run", "steps", "gen before", "gen after", "gain (z)", *tags, "caption acc", "caption exact",
-            *(f"rank {w}" for w in WORDS)]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    runs = []
     for f in folders:
         label, _, path = f.rpartition("=") if "=" in f else (Path(f).name, "", f)
-        res = json.loads((Path(path) / "results.json").read_text())
-        lines.append("| " + " | ".join(row(label, res, tags)) + " |")
+        runs.append((label, json.loads((Path(path) / "results.json").read_text())))
+    exact = any("caption_exact" in r["after"]["understanding"] for _, r in runs)  # the column only where measured
+    head = ["run", "steps", "gen before", "gen after", "gain (z)", *tags, "caption acc",
+            *(["caption exact"] if exact else []), *(f"rank {w}" for w in WORDS)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row(label, res, tags, exact)) + " |" for label, res in runs]
     return "\n".join(lines)
 
 
