@@ -9,21 +9,27 @@ from gvu.engine import build_policy
 from gvu.toy.backend import ToyUMM
 
 
-def test_merged_checkpoint_matches_the_adapted_model(tmp_path, capsys):
+def trained_run(tmp_path, lora: str):
+    """A toy base in tmp_path/base, a config naming it with `lora` (YAML flow mapping), and its saved adapter
+    made to look trained (LoRA B and the head update away from their zero init) -> (config file, policy, ids)."""
     base = tmp_path / "base"
     backend, model = ToyUMM.new_model(seed=0)
     backend.save_pretrained(str(base), model)
     cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(f"model: {{backend: toy, path: {base}}}\nlora: {{image_head: factorised}}\n")
-    cfg = load_config(str(cfg_file), [])
-    policy = build_policy(cfg, backend, model)
+    cfg_file.write_text(f"model: {{backend: toy, path: {base}}}\nlora: {lora}\n")
+    policy = build_policy(load_config(str(cfg_file), []), backend, model)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: LoRA B and the head update away from their zero init
+    with torch.no_grad():
         for p in policy.parameters():
             if p.requires_grad:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     save_adapter(policy, tmp_path / "adapter", step=1, is_main=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=g)
+    return cfg_file, policy, torch.randint(0, model.config.vocab_size, (2, 20), generator=g)
+
+
+def test_merged_checkpoint_matches_the_adapted_model(tmp_path, capsys):
+    cfg_file, policy, ids = trained_run(tmp_path, "{image_head: factorised}")
+    base = tmp_path / "base"
     with torch.no_grad():
         want = policy(input_ids=ids).logits
 
@@ -50,19 +56,7 @@ def test_a_split_runs_parts_merge_to_the_model_each_direction_ran(tmp_path, caps
     understanding the understanding passes' (its adapter alone); without --part the merge is refused."""
     from gvu.models import understanding_passes
 
-    base = tmp_path / "base"
-    backend, model = ToyUMM.new_model(seed=0)
-    backend.save_pretrained(str(base), model)
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(f"model: {{backend: toy, path: {base}}}\nlora: {{image_head: factorised, scope: split}}\n")
-    policy = build_policy(load_config(str(cfg_file), []), backend, model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    save_adapter(policy, tmp_path / "adapter", step=1, is_main=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=g)
+    cfg_file, policy, ids = trained_run(tmp_path, "{image_head: factorised, scope: split}")
     with torch.no_grad():
         want = {"generation": policy(input_ids=ids).logits}
         with understanding_passes(policy, "split"):
