@@ -164,9 +164,12 @@ def understanding_passes(model: nn.Module, scope: str):
             yield
         return
     m = model.module if type(model).__name__ == "DeepSpeedEngine" else model
-    if scope != "split" or UNDERSTANDING_ADAPTER not in getattr(m, "peft_config", {}):
+    if scope != "split":
         yield
         return
+    if UNDERSTANDING_ADAPTER not in getattr(m, "peft_config", {}):  # else the generation adapter would read silently
+        raise ValueError(f"lora.scope=split, but the model has no {UNDERSTANDING_ADAPTER!r} adapter: build it with "
+                         "gvu.engine.build_policy (add_understanding_adapter) under the same config")  # fmt: skip
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [x for x in m.modules() if isinstance(x, BaseTunerLayer)]
