@@ -78,5 +78,5 @@ int main(int argc, char** argv) {
     std::printf("%s,%d,%s,%.3f,%.3f,%.3f\n", dt == DType::F32 ? "fp32" : "bf16", threads, gvu::simd_level(),
                 med(l1), med(stream), med(read));
   }
-  return sink == 12345.678 ? 1 : 0;
+  return 0;
 }
